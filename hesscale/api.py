@@ -1,0 +1,56 @@
+"""``hessian_diagonal``: one call from a model, a loss and a batch to ``param.hess_diag``."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor, nn
+
+from .comparators import COMPARATORS, call_loss
+from .output_hessians import closed_form_output_diag
+from .sweep import SWEEP_METHODS, capture
+
+METHODS = SWEEP_METHODS + tuple(COMPARATORS)
+
+
+def hessian_diagonal(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    inputs: Tensor,
+    targets: Tensor | None = None,
+    method: str = "hesscale",
+    **method_kwargs,
+) -> dict[str, Tensor]:
+    """Approximate (or, for comparators, reference) Hessian diagonal of ``loss_fn(model(inputs), targets)``.
+
+    Returns ``{name: diag}`` for every entry of ``model.named_parameters()`` that the loss reaches,
+    stores it as ``param.hess_diag`` and accumulates ``param.grad`` as ``loss.backward()`` does.
+
+    Methods: ``"hesscale"``, ``"hesscale_gn"`` (drops ``σ''·g``), ``"bl89"`` (for
+    ``nn.CrossEntropyLoss`` the softmax is element-wise: ``D_z = onehot(y)·(p − p²)/N``; otherwise
+    equal to HesScale); reference comparators ``"exact"`` and ``"ggn"`` (at most
+    ``comparators.MAX_EXACT_PARAMS`` parameters unless ``max_params=`` is given), ``"ggn_mc"``
+    (MSE / cross-entropy only) and ``"hutchinson"`` (both take ``samples=``, ``generator=``).
+    Sweep methods accept ``per_sample=True``.
+    """
+    if method in SWEEP_METHODS:
+        return _sweep(model, loss_fn, inputs, targets, method, **method_kwargs)
+    if method not in COMPARATORS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    diags = COMPARATORS[method](model, loss_fn, inputs, targets, **method_kwargs)
+    call_loss(loss_fn, model(inputs), targets).backward()
+    params = dict(model.named_parameters())
+    for name, diag in diags.items():
+        params[name].hess_diag = diag
+    return diags
+
+
+def _sweep(model, loss_fn, inputs, targets, method, per_sample: bool = False):
+    with capture(model, method=method, per_sample=per_sample) as cap:
+        output = model(inputs)
+        loss = call_loss(loss_fn, output, targets)
+    closed = closed_form_output_diag(loss_fn, output, targets, elementwise_softmax=method == "bl89")
+    if method == "bl89" and isinstance(loss_fn, nn.CrossEntropyLoss) and closed is None:
+        raise ValueError("bl89 supports nn.CrossEntropyLoss with class-index targets, 2-D logits, no weight and no label smoothing")
+    given = {output: closed} if closed is not None and cap.is_captured_output(output) else None
+    cap.backward(loss, output_hessians=given)
+    return {name: p.hess_diag for name, p in model.named_parameters() if hasattr(p, "hess_diag") and p.hess_diag is not None}

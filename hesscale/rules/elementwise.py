@@ -1,0 +1,132 @@
+"""Element-wise maps ``y = σ(x)``: ``d_in = σ'(x)² d_out + σ''(x) g_out`` (GN: drop ``σ''·g``).
+
+Each activation is one entry of a table: a pair of functions ``(σ', σ'')`` of
+``(module, x, y)``; ``σ''`` is ``None`` for piecewise-linear maps. Using ``y`` avoids recomputing
+``σ`` where the derivatives are cheaper from the output (tanh, sigmoid).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .base import Rule
+
+Derivative = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+class ElementwiseRule(Rule):
+    """Rule of an element-wise map given its first and (optional) second derivative."""
+
+    def __init__(self, first: Derivative, second: Optional[Derivative] = None):
+        self.first = first
+        self.second = second
+        self.needs_grad_output = second is not None
+
+    def input_diag(self, module, x, y, d_out, g_out, gauss_newton):
+        d_in = self.first(module, x, y).square() * d_out
+        if self.second is not None and not gauss_newton:
+            d_in = d_in + self.second(module, x, y) * g_out
+        return d_in
+
+
+def _step(m, x, y):
+    return (x > 0).to(x.dtype)
+
+
+def _leaky(m, x, y):
+    return torch.where(x > 0, 1.0, m.negative_slope).to(x.dtype)
+
+
+def _elu_first(m, x, y):
+    return torch.where(x > 0, torch.ones_like(x), y + m.alpha)  # α eˣ = y + α for x ≤ 0
+
+
+def _elu_second(m, x, y):
+    return torch.where(x > 0, torch.zeros_like(x), y + m.alpha)
+
+
+_SELU_ALPHA, _SELU_SCALE = 1.6732632423543772, 1.0507009873554805
+
+
+def _selu_first(m, x, y):
+    return _SELU_SCALE * torch.where(x > 0, torch.ones_like(x), _SELU_ALPHA * torch.exp(x))
+
+
+def _selu_second(m, x, y):
+    return _SELU_SCALE * torch.where(x > 0, torch.zeros_like(x), _SELU_ALPHA * torch.exp(x))
+
+
+def _softplus_linear(m, x):
+    return x * m.beta > m.threshold
+
+
+def _softplus_first(m, x, y):
+    s = torch.sigmoid(m.beta * x)
+    return torch.where(_softplus_linear(m, x), torch.ones_like(x), s)
+
+
+def _softplus_second(m, x, y):
+    s = torch.sigmoid(m.beta * x)
+    return torch.where(_softplus_linear(m, x), torch.zeros_like(x), m.beta * s * (1 - s))
+
+
+def _silu_first(m, x, y):
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+def _silu_second(m, x, y):
+    s = torch.sigmoid(x)
+    return s * (1 - s) * (2 + x * (1 - 2 * s))
+
+
+_SQRT_2PI = math.sqrt(2 * math.pi)
+_GELU_K, _GELU_C = math.sqrt(2 / math.pi), 0.044715
+
+
+def _gelu_tanh_parts(x):
+    t = torch.tanh(_GELU_K * (x + _GELU_C * x**3))
+    du = _GELU_K * (1 + 3 * _GELU_C * x**2)
+    return t, du
+
+
+def _gelu_first(m, x, y):
+    if m.approximate == "tanh":
+        t, du = _gelu_tanh_parts(x)
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t**2) * du
+    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+    return cdf + x * torch.exp(-0.5 * x**2) / _SQRT_2PI
+
+
+def _gelu_second(m, x, y):
+    if m.approximate == "tanh":
+        t, du = _gelu_tanh_parts(x)
+        d2u = 6 * _GELU_K * _GELU_C * x
+        return (1 - t**2) * (du + 0.5 * x * (d2u - 2 * t * du**2))
+    return torch.exp(-0.5 * x**2) / _SQRT_2PI * (2 - x**2)
+
+
+#: module type → (σ', σ''); ``σ''`` None for piecewise-linear maps.
+ACTIVATIONS: dict[type[nn.Module], tuple[Derivative, Optional[Derivative]]] = {
+    nn.Tanh: (lambda m, x, y: 1 - y.square(), lambda m, x, y: -2 * y * (1 - y.square())),
+    nn.Sigmoid: (lambda m, x, y: y * (1 - y), lambda m, x, y: y * (1 - y) * (1 - 2 * y)),
+    nn.ReLU: (_step, None),
+    nn.LeakyReLU: (_leaky, None),
+    nn.ELU: (_elu_first, _elu_second),
+    nn.SELU: (_selu_first, _selu_second),
+    nn.Softplus: (_softplus_first, _softplus_second),
+    nn.SiLU: (_silu_first, _silu_second),
+    nn.GELU: (_gelu_first, _gelu_second),
+}
+
+
+class DropoutRule(Rule):
+    """``y = mask·x/(1−p)`` in training, identity in eval: ``d_in = (y≠0)/(1−p)² · d_out``."""
+
+    def input_diag(self, module, x, y, d_out, g_out, gauss_newton):
+        if not module.training or module.p == 0:
+            return d_out
+        return (y != 0).to(d_out.dtype) * d_out / (1 - module.p) ** 2

@@ -1,0 +1,58 @@
+"""Module type → rule. Exact types only: a subclass may change ``forward`` and must register."""
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Rule
+from .conv import ConvRule
+from .elementwise import ACTIVATIONS, DropoutRule, ElementwiseRule
+from .linear import LinearRule
+from .pooling import AvgPoolRule, MaxPoolRule
+from .shape import ReshapeRule
+
+_RULES: dict[type[nn.Module], Rule] = {
+    nn.Linear: LinearRule(),
+    nn.Conv1d: ConvRule(),
+    nn.Conv2d: ConvRule(),
+    nn.MaxPool2d: MaxPoolRule(),
+    nn.AvgPool2d: AvgPoolRule(),
+    nn.Flatten: ReshapeRule(),
+    nn.Unflatten: ReshapeRule(),
+    nn.Identity: ReshapeRule(),
+    nn.Dropout: DropoutRule(),
+    **{t: ElementwiseRule(first, second) for t, (first, second) in ACTIVATIONS.items()},
+}
+
+
+class UnsupportedModuleError(TypeError):
+    """A module inside a captured set has no HesScale rule."""
+
+
+def register_rule(module_type: type[nn.Module], rule: Rule) -> None:
+    """Use ``rule`` for every module whose type is exactly ``module_type``.
+
+    Example — a custom activation is two derivatives::
+
+        hesscale.register_rule(MyAct, ElementwiseRule(lambda m, x, y: dσ(x), lambda m, x, y: d2σ(x)))
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+    if not isinstance(rule, Rule):
+        raise TypeError(f"rule must be a hesscale.rules.Rule, got {type(rule).__name__}")
+    _RULES[module_type] = rule
+
+
+def supported_types() -> list[str]:
+    return sorted(t.__name__ for t in _RULES)
+
+
+def rule_for(module: nn.Module, path: str) -> Rule:
+    """The rule of ``module`` (found at ``path``), or an error naming the supported types."""
+    rule = _RULES.get(type(module))
+    if rule is None:
+        raise UnsupportedModuleError(
+            f"module {path or '<root>'!r} of type {type(module).__name__} has no HesScale rule. "
+            f"Supported: {', '.join(supported_types())}. "
+            "Add one with hesscale.register_rule(type, rule), or capture fewer modules."
+        )
+    return rule
