@@ -2,12 +2,12 @@
 
 Data flow of :meth:`capture.backward`:
 
-1. the loss Hessian diagonal w.r.t. every captured output the *rest* of the computation reads
-   (distributions, clamps, other networks, the loss), exactly and per sample, by autograd through
-   that small graph only (or a closed form the caller passes); leaf parameters get their exact
-   diagonal the same way;
-2. one ordinary backward gives ``.grad`` and, by tensor hooks, ``g = ∂L/∂y`` at the outputs of
-   non-linear element-wise modules (for the ``σ''·g`` term);
+1. one ordinary backward gives ``.grad`` and, by tensor hooks, ``g = ∂L/∂y`` at the outputs of
+   non-linear element-wise modules (for the ``σ''·g`` term) and which captured outputs the *rest*
+   of the computation reads (distributions, clamps, other networks, the loss);
+2. the loss Hessian diagonal w.r.t. each of those outputs, exactly and per sample, by autograd
+   through that small outside graph only (or a closed form the caller passes); leaf parameters
+   get their exact diagonal the same way;
 3. the recorded calls are walked in reverse; each module's rule turns ``d_out`` into its
    parameters' curvature and the ``d_in`` it passes to the call that produced its input
    (contributions of several consumers add up).
@@ -200,8 +200,9 @@ class capture:
         if loss.dim() != 0:
             raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
         d_acc = self._given_output_hessians(output_hessians or {})
-        leaf_hess = self._exact_boundary_hessians(loss, d_acc)
-        self._backward_with_grad_hooks(loss, external_grads)
+        open_calls = [i for i in range(len(self._calls)) if i not in d_acc]
+        used = self._backward_with_grad_hooks(loss, external_grads, open_calls)
+        leaf_hess = self._exact_boundary_hessians(loss, d_acc, used)
         module_hess = self._reverse_sweep(d_acc)
         for p, h in [*module_hess.items(), *leaf_hess.items()]:
             if self.per_sample and h.dim() == p.dim() + 1:
@@ -221,40 +222,50 @@ class capture:
             d_acc[index] = diag.detach()
         return d_acc
 
-    def _exact_boundary_hessians(self, loss: Tensor, d_acc: dict[int, Tensor]) -> dict[nn.Parameter, Tensor]:
-        """Step 1: exact per-sample output diagonals (into ``d_acc``) and leaf-parameter diagonals."""
-        open_calls = [i for i in range(len(self._calls)) if i not in d_acc]
-        leaf = [p for p in self._leaf_params if p.requires_grad]
-        inputs = [self._calls[i].alias for i in open_calls] + leaf
-        if not inputs:
-            return {}
-        grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True, retain_graph=True)
-        for i, grad in zip(open_calls, grads):
-            if grad is not None:
-                d_acc[i] = exact_per_sample_diag(grad, self._calls[i].alias).detach()
-        return {
-            p: exact_param_diag(grad, p).detach()
-            for p, grad in zip(leaf, grads[len(open_calls):])
-            if grad is not None
-        }
+    def _backward_with_grad_hooks(self, loss: Tensor, external_grads: bool, open_calls: list[int]) -> list[int]:
+        """Step 1: the ordinary backward, catching ``∂L/∂y`` where a rule needs it.
 
-    def _backward_with_grad_hooks(self, loss: Tensor, external_grads: bool) -> None:
-        """Step 2: the ordinary backward, catching ``∂L/∂y`` where a rule needs it."""
+        Returns the open calls whose output the loss reads from outside the captured modules
+        (their aliases receive a gradient); the graph is kept for their exact Hessians.
+        """
+        used: list[int] = []
         handles = []
         if self.method != "hesscale_gn":
             for call in self._calls:
                 if call.rule.needs_grad_output:
                     handles.append(call.y.register_hook(self._grad_catcher(call)))
+        for i in open_calls:
+            handles.append(self._calls[i].alias.register_hook(lambda g, i=i: used.append(i)))
+        retain = bool(open_calls or self._leaf_params)
         try:
             if external_grads:
-                loss.backward()
+                loss.backward(retain_graph=retain)
             else:
                 params = [p for p in self._module_params + self._leaf_params if p.requires_grad]
                 if params:
-                    torch.autograd.backward(loss, inputs=params)
+                    torch.autograd.backward(loss, inputs=params, retain_graph=retain)
         finally:
             for handle in handles:
                 handle.remove()
+        return sorted(set(used))
+
+    def _exact_boundary_hessians(
+        self, loss: Tensor, d_acc: dict[int, Tensor], used: list[int]
+    ) -> dict[nn.Parameter, Tensor]:
+        """Step 2: exact per-sample output diagonals (into ``d_acc``) and leaf-parameter diagonals."""
+        leaf = [p for p in self._leaf_params if p.requires_grad]
+        inputs = [self._calls[i].alias for i in used] + leaf
+        if not inputs:
+            return {}
+        grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
+        for i, grad in zip(used, grads):
+            if grad is not None:
+                d_acc[i] = exact_per_sample_diag(grad, self._calls[i].alias).detach()
+        return {
+            p: exact_param_diag(grad, p).detach()
+            for p, grad in zip(leaf, grads[len(used):])
+            if grad is not None
+        }
 
     @staticmethod
     def _grad_catcher(call: _Call):
