@@ -1,0 +1,28 @@
+"""The core's experiment scripts keep running (tiny settings; the result runs are not tests)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, tmp_path):
+    subprocess.run([sys.executable, *args, "--out", str(tmp_path)], cwd=ROOT, check=True, timeout=300,
+                   capture_output=True, text=True)
+
+
+def test_bench_core_quick(tmp_path):
+    _run(["scripts/bench_core.py", "--quick"], tmp_path)
+    rows = json.loads((tmp_path / "bench_core.json").read_text())["rows"]
+    assert rows and rows[0]["R_hesscale"] > 0
+    assert (tmp_path / "bench_core.png").stat().st_size > 0
+
+
+def test_approx_quality_quick(tmp_path):
+    _run(["scripts/approx_quality.py", "--quick", "--activations", "tanh"], tmp_path)
+    data = json.loads((tmp_path / "approx_quality.json").read_text())
+    errors = data["mean_normalised_error"]["tanh/init"]
+    assert errors["hesscale"] == 1.0
+    assert errors["bl89"] > 1.0  # the paper's ordering holds even on a tiny run
+    assert (tmp_path / "approx_quality.csv").exists() and (tmp_path / "approx_quality.png").exists()
