@@ -1,0 +1,110 @@
+"""Training and evaluation environments (Gymnasium vector envs, optional VecNormalize)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import gymnasium as gym
+
+from agents.experiment.validation import check_env_id
+
+
+def make_train_env(cfg: Mapping[str, Any]):
+    """The training env: ``env.n_envs`` copies, seeded with ``seed``, VecNormalize if asked."""
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    env_cfg = cfg["env"]
+    check_env_id(env_cfg["id"])
+    venv = make_vec_env(env_cfg["id"], n_envs=env_cfg["n_envs"], seed=cfg["seed"],
+                        env_kwargs=dict(env_cfg.get("kwargs") or {}),
+                        wrapper_class=MujocoInstabilityInfo)
+    if env_cfg["normalize"]:
+        venv = VecNormalize(venv, norm_obs=env_cfg["norm_obs"], norm_reward=env_cfg["norm_reward"],
+                            clip_obs=env_cfg["clip_obs"], gamma=_gamma(cfg))
+    return venv
+
+
+def make_eval_env(cfg: Mapping[str, Any], seed: int | None = None, render_mode: str | None = None):
+    """A separate single evaluation env, seeded apart from training (``seed + eval.seed_offset``).
+
+    With normalisation on it is wrapped in VecNormalize(training=False, norm_reward=False); its
+    statistics are copied from the training env at each evaluation (SB3's EvalCallback does it)
+    or loaded from ``vecnormalize.pkl`` when replaying a saved run.
+    """
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    env_cfg = cfg["env"]
+    if seed is None:
+        seed = cfg["seed"] + cfg["eval"]["seed_offset"]
+    kwargs = dict(env_cfg.get("kwargs") or {})
+    if render_mode is not None:
+        kwargs["render_mode"] = render_mode
+    venv = make_vec_env(env_cfg["id"], n_envs=1, seed=seed, env_kwargs=kwargs)
+    if env_cfg["normalize"]:
+        venv = VecNormalize(venv, training=False, norm_obs=env_cfg["norm_obs"], norm_reward=False,
+                            clip_obs=env_cfg["clip_obs"], gamma=_gamma(cfg))
+    return venv
+
+
+def load_normalization(venv, path: Path):
+    """Wrap ``venv`` with saved VecNormalize statistics, frozen for evaluation."""
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    inner = venv.venv if isinstance(venv, VecNormalize) else venv
+    norm = VecNormalize.load(str(path), inner)
+    norm.training = False
+    norm.norm_reward = False
+    return norm
+
+
+def _gamma(cfg: Mapping[str, Any]) -> float:
+    return float((cfg["agent"].get("kwargs") or {}).get("gamma", 0.99))
+
+
+_UNSTABLE = ("mjWARN_BADQPOS", "mjWARN_BADQVEL", "mjWARN_BADQACC", "mjWARN_BADCTRL")
+
+
+class MujocoInstabilityInfo(gym.Wrapper):
+    """Gymnasium wrapper: after each step, report MuJoCo's runtime instability warnings.
+
+    Reads the ``data.warning`` counters (bad qpos/qvel/qacc/ctrl: "the simulation is unstable",
+    after which MuJoCo resets the state) before any auto-reset can clear them, and puts
+    ``info["mujoco_instability"] = "<warning names>"`` when one fired. The model-compiler notice
+    some envs print at load is not a runtime warning and is not reported. Non-MuJoCo envs pass
+    through untouched.
+    """
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self._ids: list[tuple[str, int]] = []
+        data = getattr(env.unwrapped, "data", None)
+        if data is not None and hasattr(data, "warning"):
+            import mujoco
+
+            self._ids = [(n[7:], int(getattr(mujoco.mjtWarning, n))) for n in _UNSTABLE
+                         if hasattr(mujoco.mjtWarning, n)]
+        self._seen: dict[str, int] = {}
+
+    def _counts(self) -> dict[str, int]:
+        if not self._ids:
+            return {}
+        w = self.env.unwrapped.data.warning
+        return {name: int(w[i].number) for name, i in self._ids}
+
+    def reset(self, **kwargs):
+        out = self.env.reset(**kwargs)
+        self._seen = self._counts()
+        return out
+
+    def step(self, action):
+        obs, rew, term, trunc, info = self.env.step(action)
+        if self._ids:
+            now = self._counts()
+            fired = [n for n, v in now.items() if v > self._seen.get(n, 0)]
+            self._seen = now
+            if fired:
+                info = {**info, "mujoco_instability": ",".join(fired)}
+        return obs, rew, term, trunc, info

@@ -1,0 +1,317 @@
+"""The Hydra task function: validate, build envs and agent, train, evaluate, write the run directory.
+
+A run directory holds ``config.yaml`` (resolved), ``.hydra/`` (Hydra's own record), ``tb/``
+(TensorBoard events and ``progress.csv``), ``evaluations.npz``, ``model.zip``,
+``vecnormalize.pkl`` and ``result.json``. The task function returns normally when a run fails
+or diverges (the status is in ``result.json``), so one bad job never stops a sweep.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Mapping
+
+from agents.experiment.results import (RESULT_FILE, eval_summary, now_iso, provenance,
+                                       read_result, write_json)
+from agents.experiment.validation import ACTIVATIONS, ConfigError, check_action_space, validate
+
+# SB3's own optimizer for each agent: opt configs equal to these map to ``optimizer=None``.
+_SB3_DEFAULT_OPT = {
+    "PPO": ("adam", {}),
+    "SAC": ("adam", {}),
+    "A2C": ("rmsprop", {"alpha": 0.99, "eps": 1e-5}),
+}
+
+
+def optimizer_spec(c: Mapping[str, Any]) -> dict | None:
+    """The agents' ``optimizer`` dict for a resolved config, or None for SB3's own optimizer.
+
+    ``opt=adam`` (PPO, SAC) and ``opt=rmsprop`` (A2C) with no overrides give None, so those runs
+    are exactly upstream SB3. ``opt=adam`` with A2C gives Adam the way SB3 builds it for A2C with
+    ``optimizer_class=Adam`` (eps=1e-5 from ActorCriticPolicy); the agents merge ``kwargs`` over
+    SB3's defaults for the algorithm.
+    """
+    opt, cls = c["opt"], c["agent"]["cls"]
+    name = opt["optimizer"]
+    kwargs = dict(opt.get("kwargs") or {})
+    scaling = dict(opt["scaling"])
+    default_name, default_kwargs = _SB3_DEFAULT_OPT[cls]
+    if (name == default_name and not scaling["enabled"] and opt.get("max_grad_norm") is None
+            and kwargs in ({}, default_kwargs)):
+        return None
+    spec: dict[str, Any] = {"name": name, "kwargs": kwargs, "scaling": scaling,
+                            "max_grad_norm": opt.get("max_grad_norm")}
+    if opt.get("curvature") is not None:
+        spec["curvature"] = opt["curvature"]
+    if cls == "SAC" and opt.get("actor_curvature") is not None:
+        spec["actor_curvature"] = opt["actor_curvature"]
+    return spec
+
+
+def policy_kwargs(c: Mapping[str, Any]) -> dict:
+    """SB3 ``policy_kwargs`` from the config (activation names mapped to torch.nn classes)."""
+    import torch.nn as nn
+
+    pk = dict(c["agent"].get("policy_kwargs") or {})
+    act = pk.get("activation_fn")
+    if isinstance(act, str):
+        pk["activation_fn"] = getattr(nn, ACTIVATIONS[act.lower()])
+    return pk
+
+
+def agent_class(name: str):
+    import agents
+
+    return getattr(agents, name)
+
+
+def build_model(c: Mapping[str, Any], env, run_dir: Path | None = None):
+    """Instantiate the agent (``agents.PPO`` / ``A2C`` / ``SAC``) for a resolved config."""
+    a = c["agent"]
+    kwargs = dict(a.get("kwargs") or {})
+    if isinstance(kwargs.get("train_freq"), list):
+        kwargs["train_freq"] = tuple(kwargs["train_freq"])
+    cls = agent_class(a["cls"])
+    return cls(a["policy"], env, optimizer=optimizer_spec(c), learning_rate=float(c["opt"]["lr"]),
+               seed=c["seed"], device=c["device"], verbose=c.get("verbose", 0),
+               policy_kwargs=policy_kwargs(c), **kwargs)
+
+
+def _eval_callback(c: Mapping[str, Any], eval_env, run_dir: Path):
+    from stable_baselines3.common.callbacks import EvalCallback
+
+    class FinalEvalCallback(EvalCallback):
+        """SB3's EvalCallback plus one evaluation at the end of training (unless just done)."""
+
+        def _on_training_end(self) -> None:
+            done = self.evaluations_timesteps and self.evaluations_timesteps[-1] == self.num_timesteps
+            if done or getattr(self.model, "divergence", None):
+                return
+            freq, self.eval_freq = self.eval_freq, 1
+            try:
+                self._on_step()
+            finally:
+                self.eval_freq = freq
+
+    n_envs = c["env"]["n_envs"]
+    freq = c["eval"]["freq"]
+    return FinalEvalCallback(eval_env, n_eval_episodes=c["eval"]["n_episodes"],
+                             eval_freq=max(freq // n_envs, 1) if freq > 0 else 0,
+                             log_path=str(run_dir), best_model_save_path=None,
+                             deterministic=c["eval"]["deterministic"], render=False, warn=False,
+                             verbose=0)
+
+
+def _instability_callback():
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class MujocoInstabilityCallback(BaseCallback):
+        """Ends training as ``diverged`` when MuJoCo reports the simulation unstable."""
+
+        def _on_step(self) -> bool:
+            for i, info in enumerate(self.locals.get("infos") or ()):
+                what = info.get("mujoco_instability")
+                if what:
+                    reason = f"MuJoCo instability warning ({what}) in training env {i}"
+                    mark = getattr(self.model, "_mark_diverged", None)
+                    if mark is not None:
+                        mark(reason)
+                    else:
+                        self.model.divergence = {"step": int(self.num_timesteps), "reason": reason}
+                    return False
+            return True
+
+    return MujocoInstabilityCallback()
+
+
+def labels(c: Mapping[str, Any], override_dirname: str = "") -> dict:
+    """What identifies a run in reports and TensorBoard."""
+    return {"env": c["env"]["name"], "env_id": c["env"]["id"], "agent": c["agent"]["name"],
+            "opt": c["opt"]["name"], "lr": float(c["opt"]["lr"]), "seed": c["seed"],
+            "variant": override_dirname}
+
+
+def train(cfg: Any, run_dir: Path, override_dirname: str = "", progress_bar: bool | None = None) -> dict:
+    """Train one run into ``run_dir`` and return its result dict (also written to result.json).
+
+    Raises ConfigError (before anything is trained) for bad configurations. Any other error
+    during training ends the run with status ``failed``; a divergence reported by the agent ends
+    it with ``diverged``; both return normally. A run whose ``result.json`` already says
+    ``finished`` or ``diverged`` is skipped (``rerun=true`` trains it again); a run directory
+    locked by another process is left alone (status ``locked``, nothing written).
+    """
+    c = validate(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prev = read_result(run_dir)
+    if prev and prev.get("status") in DONE and not c.get("rerun", False):
+        return {**prev, "skipped": True}
+    lock = _lock(run_dir)
+    if lock is None:
+        return {"status": "locked", "run_dir": str(run_dir), "skipped": True,
+                "error": "another process holds this run directory's lock"}
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _train_locked(c, run_dir, override_dirname, progress_bar)
+    finally:
+        lock.close()
+        torch.set_num_threads(threads)
+
+
+DONE = ("finished", "diverged")
+
+
+def _lock(run_dir: Path):
+    """An exclusive, non-blocking lock on ``run_dir/.lock`` (None if another process holds it)."""
+    f = open(run_dir / ".lock", "a+")
+    try:
+        import fcntl
+
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # not POSIX: no locking
+        pass
+    except OSError:
+        f.close()
+        return None
+    return f
+
+
+_OUTPUTS = ("evaluations.npz", "model.zip", "vecnormalize.pkl", "error.txt", RESULT_FILE)
+
+
+def _clear_outputs(run_dir: Path) -> None:
+    import shutil
+
+    shutil.rmtree(run_dir / "tb", ignore_errors=True)
+    for f in _OUTPUTS:
+        (run_dir / f).unlink(missing_ok=True)
+
+
+def _train_locked(c: dict, run_dir: Path, override_dirname: str, progress_bar: bool | None) -> dict:
+    import torch
+    from omegaconf import OmegaConf
+    from stable_baselines3.common.logger import configure
+
+    torch.set_num_threads(c["threads"])
+    _clear_outputs(run_dir)  # a fresh start (a run that was killed, failed, or rerun=true)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(c)))
+
+    result: dict[str, Any] = {
+        "status": "running", "run_dir": str(run_dir), **labels(c, override_dirname),
+        "total_timesteps": c["total_timesteps"], "started_at": now_iso(),
+        "provenance": provenance(c["threads"]),
+    }
+    env = eval_env = model = None
+    t0 = time.perf_counter()
+    try:
+        from agents.experiment.envs import make_eval_env
+
+        env = make_train_env_checked(c)
+        eval_env = make_eval_env(c)
+        model = build_model(c, env, run_dir)
+        write_json(run_dir / RESULT_FILE, result)
+        fmts = ["tensorboard", "csv"] + (["stdout"] if c.get("verbose", 0) else [])
+        model.set_logger(configure(str(run_dir / "tb"), fmts))
+        show = c["progress_bar"] if progress_bar is None else progress_bar
+        model.learn(c["total_timesteps"],
+                    callback=[_instability_callback(), _eval_callback(c, eval_env, run_dir)],
+                    progress_bar=bool(show))
+        div = getattr(model, "divergence", None)
+        result["status"] = "diverged" if div else "finished"
+        result["divergence"] = div
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a failed run must not stop the sweep
+        div = getattr(model, "divergence", None) if model is not None else None
+        result["status"] = "diverged" if div else "failed"
+        result["divergence"] = div
+        result["error"] = f"{type(e).__name__}: {e}"
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+    wall = time.perf_counter() - t0
+    steps = int(getattr(model, "num_timesteps", 0) or 0) if model is not None else 0
+    result.update({"timesteps": steps, "wall_time_s": round(wall, 3),
+                   "env_steps_per_s": round(steps / wall, 2) if wall > 0 else None,
+                   "finished_at": now_iso(), **eval_summary(run_dir)})
+    if model is not None and c.get("save_model", True):
+        try:
+            model.save(str(run_dir / "model.zip"))
+            if env is not None and hasattr(env, "save") and c["env"]["normalize"]:
+                env.save(str(run_dir / "vecnormalize.pkl"))
+        except Exception as e:  # noqa: BLE001
+            result.setdefault("error", f"saving failed: {type(e).__name__}: {e}")
+    for e in (env, eval_env):
+        try:
+            if e is not None:
+                e.close()
+        except Exception:  # noqa: BLE001
+            pass
+    write_json(run_dir / RESULT_FILE, result)
+    return result
+
+
+def make_train_env_checked(c: Mapping[str, Any]):
+    """The training env, after checking the env id and that the agent can act in it."""
+    from agents.experiment.envs import make_train_env
+
+    env = make_train_env(c)
+    try:
+        check_action_space(c["agent"]["cls"], c["env"]["id"], env.action_space)
+    except ConfigError:
+        env.close()
+        raise
+    return env
+
+
+def main_task(cfg: Any) -> dict:
+    """Entry point for ``scripts/train.py`` (inside ``@hydra.main``).
+
+    Single run: a config error prints one message and exits with code 2, a failed run exits 1,
+    a diverged run exits 0. Multirun: always returns (the status is in result.json).
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    run_dir = Path(hc.runtime.output_dir)
+    name = f"{hc.runtime.choices.get('agent')}/{hc.runtime.choices.get('opt')}/" \
+           f"{hc.runtime.choices.get('env')} seed={cfg.get('seed')}"
+    try:
+        result = train(cfg, run_dir, override_dirname=hc.job.override_dirname,
+                       progress_bar=False if multirun else None)
+    except ConfigError as e:
+        msg = f"Invalid configuration ({name}):\n  " + str(e).replace("\n", "\n  ")
+        print(msg, file=sys.stderr)
+        result = {"status": "failed", "error": f"ConfigError: {e}", "run_dir": str(run_dir)}
+        if (run_dir / RESULT_FILE).exists() or multirun:
+            prev = read_result(run_dir) or {}
+            write_json(run_dir / RESULT_FILE, {**prev, **result, "finished_at": now_iso()})
+        if not multirun:
+            raise SystemExit(2) from None
+        return result
+    if result.get("skipped"):
+        why = "locked by another process" if result["status"] == "locked" else \
+            f"already {result['status']} (rerun=true to train again)"
+        print(f"[skip] {name}: {why} -> {run_dir}", flush=True)
+        return result
+    _print_summary(name, result)
+    if not multirun and result["status"] == "failed":
+        raise SystemExit(1)
+    return result
+
+
+def _print_summary(name: str, r: dict) -> None:
+    fin = r.get("final_return")
+    ret = f"final eval return {fin:.2f}" if isinstance(fin, (int, float)) else "no evaluation"
+    line = (f"[{r['status']}] {name}: {ret}, {r.get('timesteps', 0)} steps in "
+            f"{r.get('wall_time_s', 0):.1f}s -> {r['run_dir']}")
+    if r.get("divergence"):
+        line += f"  (diverged at step {r['divergence'].get('step')}: {r['divergence'].get('reason')})"
+    if r.get("error"):
+        line += f"\n  error: {r['error']}"
+    print(line, file=sys.stderr if r["status"] == "failed" else sys.stdout, flush=True)
