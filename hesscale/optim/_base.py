@@ -1,0 +1,118 @@
+"""The base class of the curvature optimizers: what AdaHesScale and AdaHessian share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._common import clear_hess_diag, scratch_buffers
+from ._flat import FlatState
+
+__all__ = ["CurvatureOptimizer"]
+
+
+class CurvatureOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that also reads ``param.hess_diag``.
+
+    Adds to torch's behaviour:
+
+    * ``zero_grad()`` clears ``hess_diag`` as well as ``grad``;
+    * a group whose gradient or curvature holds a NaN/inf is skipped (state untouched) and counted
+      in ``skipped_steps``; the indices of the groups skipped by the last ``step()`` are in
+      ``last_skipped_groups``;
+    * hyperparameters are validated for every param group, including ones added later;
+    * ``state_dict()`` also carries ``skipped_steps``.
+    """
+
+    skipped_steps: int
+    last_skipped_groups: set[int]
+    keep_curvature_scale: bool
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        self.skipped_steps = 0
+        self.last_skipped_groups = set()
+        self.keep_curvature_scale = False
+        self._roots: dict[int, list[Tensor]] = {}
+        self._root_buffers: dict[Tensor, Tensor] = {}
+        self._flat_cache: dict[int, FlatState] = {}
+        super().__init__(params, defaults)
+
+    # -- hooks for subclasses ----------------------------------------------------------------
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Raise ``ValueError`` for an invalid hyperparameter of ``group``."""
+
+    def _sqrt_ema_is_scale(self, group: dict[str, Any], beta: float) -> bool:
+        """True when this optimizer's ``sqrt(v)`` for ``group`` is ``sqrt(EMA_beta(ĥ²))``."""
+        return False
+
+    def curvature_scale(self, group_index: int, params: list[Tensor], beta: float) -> list[Tensor] | None:
+        """``c = sqrt(EMA_beta(ĥ²))`` (no bias correction) of ``params`` from the last step, if known.
+
+        ``StepSizeScaling`` sets ``keep_curvature_scale`` and calls this right after ``step()``,
+        so that it need neither keep a second copy of an average this optimizer already has nor
+        take its square root again. None when unknown (the wrapper then keeps its own average).
+        """
+        group = self.param_groups[group_index]
+        roots = self._roots.get(group_index)
+        if roots is None or not self._sqrt_ema_is_scale(group, beta) or len(roots) != len(params):
+            return None
+        return roots
+
+    def _root_scratch(self, params: list[Tensor]) -> list[Tensor] | None:
+        """Work tensors to receive ``sqrt(v)`` when a wrapper wants it, else None."""
+        if not self.keep_curvature_scale:
+            return None
+        return scratch_buffers(self._root_buffers, params)
+
+    def _keep_roots(self, group_index: int, roots: list[Tensor]) -> None:
+        self._roots[group_index] = roots
+
+    # -- torch.optim.Optimizer overrides ------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        try:
+            self._validate_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset ``grad`` (as torch does) and ``hess_diag`` of every parameter."""
+        super().zero_grad(set_to_none)
+        clear_hess_diag(self.param_groups)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["skipped_steps"] = self.skipped_steps
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        skipped = int(state_dict.pop("skipped_steps", 0))
+        super().load_state_dict(state_dict)
+        self.skipped_steps = skipped
+        self._flat_cache = {}  # flat buffers are rebuilt from the loaded per-param state
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(skipped_steps=self.skipped_steps, keep_curvature_scale=self.keep_curvature_scale)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("last_skipped_groups", set())
+        self.__dict__.setdefault("keep_curvature_scale", False)
+        self.__dict__.setdefault("_roots", {})
+        self.__dict__.setdefault("_root_buffers", {})
+        self.__dict__.setdefault("_flat_cache", {})
+
+    def _begin_step(self) -> None:
+        self.last_skipped_groups = set()
+        self._roots = {}
+
+    def _skip_group(self, group_index: int) -> None:
+        self.skipped_steps += 1
+        self.last_skipped_groups.add(group_index)

@@ -1,0 +1,251 @@
+"""AdaHesScale: Adam with the squared gradient replaced by a Hessian-diagonal estimate."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from . import _common
+from ._base import CurvatureOptimizer
+from ._common import all_finite, check_betas, check_nonnegative, check_positive, read_hess_diag, sqrt_into
+from ._flat import FlatState
+
+__all__ = ["AdaHesScale"]
+
+Variant = Literal["adam", "sqrt", "newton"]
+VARIANTS: tuple[str, ...] = ("adam", "sqrt", "newton")
+
+
+class AdaHesScale(CurvatureOptimizer):
+    r"""AdaHesScale (Elsayed & Mahmood, arXiv 2210.11639): Adam-style steps scaled by curvature.
+
+    Reads ``p.grad`` (g) and ``p.hess_diag`` (ĥ, e.g. from ``hesscale.hessian_diagonal``); which
+    curvature (HesScale, GN, BL89, ...) is decided where ĥ is computed, not here. Per step t::
+
+        θ ← θ − lr·wd·θ                                  (decoupled weight decay, first)
+        m ← β1·m + (1−β1)·g
+        v ← β2·v + (1−β2)·ĥ²        variant "adam"  (the paper's)
+        v ← β2·v + (1−β2)·|ĥ|       variants "sqrt" and "newton"
+        θ ← θ − lr·(m/bc1) / (sqrt(v/bc2) + eps)      "adam", "sqrt"
+        θ ← θ − lr·(m/bc1) / (v/bc2 + eps)            "newton"
+
+    with ``bc1 = 1−β1^t``, ``bc2 = 1−β2^t``. Param groups may set their own hyperparameters and a
+    ``name`` (used in errors and by ``StepSizeScaling.last_scales``). A parameter without a
+    gradient is skipped; one with a gradient but no ``hess_diag`` raises
+    :class:`~hesscale.optim._common.MissingCurvatureError`. A group with a non-finite gradient or
+    curvature is skipped and counted in ``skipped_steps``. ``zero_grad()`` clears ``hess_diag``.
+
+    Args:
+        params: parameters or param-group dicts (``named_parameters()`` works too).
+        lr: learning rate (>= 0).
+        betas: (β1, β2), each in [0, 1).
+        eps: added to the denominator (> 0). The paper's RL runs used 1e-5.
+        weight_decay: decoupled weight decay (>= 0).
+        variant: "adam", "sqrt" or "newton" (see above).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        variant: Variant = "adam",
+    ) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, variant=variant)
+        self._validate_group(defaults)
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative("learning rate", group["lr"])
+        check_betas(group["betas"])
+        check_positive("epsilon", group["eps"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        if group["variant"] not in VARIANTS:
+            raise ValueError(f"Invalid variant: {group['variant']!r} (must be one of {VARIANTS})")
+
+    def _sqrt_ema_is_scale(self, group: dict[str, Any], beta: float) -> bool:
+        return group["variant"] == "adam" and group["betas"][1] == beta
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every param group (see the class docstring for the equations)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._begin_step()
+        for gi, group in enumerate(self.param_groups):
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            hess: list[Tensor] = []
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdaHesScale does not support sparse gradients")
+                hess.append(read_hess_diag(p, "AdaHesScale", group, gi, pi))
+                params.append(p)
+                grads.append(p.grad.detach())
+            if not params:
+                continue
+            flat = self._flat_state(gi, params)
+            if flat is not None:
+                self._step_flat(gi, group, params, grads, hess, flat)
+            else:
+                self._step_foreach(gi, group, params, grads, hess)
+        return loss
+
+    def _step_foreach(
+        self, gi: int, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], hess: list[Tensor]
+    ) -> None:
+        """The general path: foreach launches over the group's tensors (grouped by device, dtype)."""
+        if not all_finite(grads + hess):
+            self._skip_group(gi)
+            return
+        exp_avgs, exp_avg_sqs, steps = self._state_lists(params)
+        roots = self._root_scratch(params) if group["variant"] == "adam" else None
+        _update(params, grads, hess, exp_avgs, exp_avg_sqs, steps, group, roots)
+        if roots is not None:
+            self._keep_roots(gi, roots)
+
+    def _step_flat(
+        self,
+        gi: int,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        hess: list[Tensor],
+        flat: FlatState,
+    ) -> None:
+        """The path of small groups: one flat copy of g and ĥ, a handful of launches in all."""
+        gh = torch.cat([t.reshape(-1) for t in grads + hess])
+        if not bool(torch.isfinite(gh.sum())):
+            self._skip_group(gi)
+            return
+        for p in params:
+            self.state[p]["step"] += 1
+        n = gh.numel() // 2
+        keep = self.keep_curvature_scale and group["variant"] == "adam"
+        root = torch.empty_like(flat.exp_avg) if keep else None
+        t = self.state[params[0]]["step"]
+        u = _flat_update(gh[:n], gh[n:], flat.exp_avg, flat.exp_avg_sq, t, group, root)
+        if group["weight_decay"] != 0.0:
+            torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+        torch._foreach_sub_(params, flat.views(u))
+        if root is not None:
+            self._keep_roots(gi, flat.views(root))
+
+    def _flat_state(self, gi: int, params: list[Tensor]) -> FlatState | None:
+        """Flat ``exp_avg``/``exp_avg_sq`` of a small, uniform group (per-param state = views), else None."""
+        first = params[0]
+        if sum(p.numel() for p in params) > _common.FLAT_LIMIT:
+            return None
+        if any(p.device != first.device or p.dtype != first.dtype for p in params):
+            return None
+        steps = {self.state[p].get("step", 0) if p in self.state else 0 for p in params}
+        if len(steps) != 1:  # bias corrections differ per param: the general path handles it
+            return None
+        key = tuple(id(p) for p in params)
+        cached = self._flat_cache.get(gi)
+        if cached is not None and cached.key == key:
+            return cached
+        flat = FlatState.build(key, params)
+        for p, m, v in zip(params, flat.views(flat.exp_avg), flat.views(flat.exp_avg_sq)):
+            state = self.state[p]
+            if state:
+                m.copy_(state["exp_avg"])
+                v.copy_(state["exp_avg_sq"])
+            else:
+                state["step"] = 0
+            state["exp_avg"], state["exp_avg_sq"] = m, v
+        self._flat_cache[gi] = flat
+        return flat
+
+    def _state_lists(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[int]]:
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        return exp_avgs, exp_avg_sqs, steps
+
+
+def _update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    hess: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[int],
+    group: dict[str, Any],
+    roots: list[Tensor] | None = None,
+) -> None:
+    """The vectorised update of one param group; writes ``sqrt(v)`` into ``roots`` if given."""
+    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+    weight_decay, variant = group["weight_decay"], group["variant"]
+    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, hess, exp_avgs, exp_avg_sqs], with_indices=True
+    )
+    for (p, g, h, m, v), indices in grouped.values():
+        t = [steps[i] for i in indices]
+        if weight_decay != 0.0:
+            torch._foreach_mul_(p, 1.0 - lr * weight_decay)
+        torch._foreach_lerp_(m, g, 1.0 - beta1)
+        torch._foreach_mul_(v, beta2)
+        if variant == "adam":
+            torch._foreach_addcmul_(v, h, h, value=1.0 - beta2)
+        else:
+            torch._foreach_add_(v, torch._foreach_abs(h), alpha=1.0 - beta2)
+
+        # lr·(m/bc1) / (sqrt(v)/sqrt(bc2) + eps) = (lr·sqrt(bc2)/bc1)·m / (sqrt(v) + eps·sqrt(bc2)):
+        # the same step with one pass less (newton: bc2 in place of sqrt(bc2), v in place of sqrt(v)).
+        same_t = all(ti == t[0] for ti in t)
+        bc1 = [1.0 - beta1**ti for ti in t]
+        bc2 = [1.0 - beta2**ti for ti in t]
+        k = bc2 if variant == "newton" else [math.sqrt(b) for b in bc2]
+        eps_k = _scalars([eps * ki for ki in k], same_t)
+        if variant == "newton":
+            denom = torch._foreach_add(v, eps_k)
+        elif roots is None:
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_add_(denom, eps_k)
+        else:
+            denom = torch._foreach_add(sqrt_into([roots[i] for i in indices], v), eps_k)
+        torch._foreach_addcdiv_(p, m, denom, _scalars([-lr * ki / b for ki, b in zip(k, bc1)], same_t))
+
+
+def _flat_update(
+    g: Tensor, h: Tensor, m: Tensor, v: Tensor, t: int, group: dict[str, Any], root: Tensor | None
+) -> Tensor:
+    """The same update on flat tensors; returns the step ``lr·(m/bc1)/denom`` (weight decay aside)."""
+    lr, (beta1, beta2), eps, variant = group["lr"], group["betas"], group["eps"], group["variant"]
+    m.lerp_(g, 1.0 - beta1)
+    v.mul_(beta2)
+    if variant == "adam":
+        v.addcmul_(h, h, value=1.0 - beta2)
+    else:
+        v.add_(h.abs(), alpha=1.0 - beta2)
+    bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
+    k = bc2 if variant == "newton" else math.sqrt(bc2)  # see _update: one pass less, same step
+    if variant == "newton":
+        denom = v + eps * k
+    else:
+        denom = torch.sqrt(v, out=root) if root is not None else torch.sqrt(v)
+        denom = denom + eps * k if root is not None else denom.add_(eps * k)
+    return torch.div(m, denom, out=denom).mul_(lr * k / bc1)
+
+
+def _scalars(values: list[float], same: bool) -> float | list[float]:
+    return values[0] if same else values

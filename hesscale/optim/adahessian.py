@@ -1,0 +1,200 @@
+"""AdaHessian: the Hutchinson-curvature baseline (Yao et al., 2021) as the HesScale papers run it."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import CurvatureOptimizer
+from ._common import all_finite, check_betas, check_nonnegative, check_positive, param_label, sqrt_into
+
+__all__ = ["AdaHessian"]
+
+
+class AdaHessian(CurvatureOptimizer):
+    r"""AdaHessian: Adam-style steps with a one-sample Hutchinson estimate of the Hessian diagonal.
+
+    Needs gradients that carry their graph (``loss.backward(create_graph=True)``, or
+    ``p.grad = torch.autograd.grad(loss, params, create_graph=True)``). Per step t, with one
+    Rademacher vector z (entries ±1) per step over all parameters that have a gradient::
+
+        D ← |z ⊙ Hz|                                     (Hz: one Hessian-vector product)
+        θ ← θ − lr·wd·θ                                  (decoupled weight decay, first)
+        m ← β1·m + (1−β1)·g
+        v ← β2·v + (1−β2)·D²
+        θ ← θ − lr·(m/bc1) / ((sqrt(v)/sqrt(bc2))^k + eps)
+
+    with ``bc1 = 1−β1^t``, ``bc2 = 1−β2^t`` and ``k = hessian_power``. The estimate D is stored as
+    ``p.hess_diag`` so that :class:`~hesscale.optim.StepSizeScaling` can wrap this optimizer.
+    The gradients' graph is kept (optimizers of several networks may share one loss graph);
+    ``zero_grad()`` releases it. Unlike the original AdaHessian, no spatial averaging over
+    convolution kernels is done.
+
+    Args:
+        params: parameters or param-group dicts (optional ``name`` per group).
+        lr: learning rate (>= 0).
+        betas: (β1, β2), each in [0, 1).
+        eps: added to the denominator (> 0).
+        weight_decay: decoupled weight decay (>= 0).
+        hessian_power: k in [0, 1].
+        generator: a ``torch.Generator`` for z (reproducible runs); the global RNG if None.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 0.15,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-4,
+        weight_decay: float = 0.0,
+        hessian_power: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, hessian_power=hessian_power)
+        self._validate_group(defaults)
+        self.generator = generator
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative("learning rate", group["lr"])
+        check_betas(group["betas"])
+        check_positive("epsilon", group["eps"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        k = group["hessian_power"]
+        if not isinstance(k, numbers.Real) or isinstance(k, bool) or not 0.0 <= k <= 1.0:
+            raise ValueError(f"Invalid hessian_power value: {k!r} (must be in [0, 1])")
+
+    def _sqrt_ema_is_scale(self, group: dict[str, Any], beta: float) -> bool:
+        return group["betas"][1] == beta
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["generator"] = self.generator
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("generator", None)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.generator is not None:
+            state["generator_state"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        generator_state = state_dict.pop("generator_state", None)
+        super().load_state_dict(state_dict)
+        if generator_state is not None and self.generator is not None:
+            self.generator.set_state(generator_state)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Estimate D by one Hessian-vector product, then update every param group."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._begin_step()
+        per_group = [self._params_with_grad(gi, group) for gi, group in enumerate(self.param_groups)]
+        params = [p for ps in per_group for p in ps]
+        if not params:
+            return loss
+        self._hutchinson(params)
+        for gi, (group, ps) in enumerate(zip(self.param_groups, per_group)):
+            if not ps:
+                continue
+            grads = [p.grad.detach() for p in ps]
+            hess = [p.hess_diag for p in ps]
+            if not all_finite(grads + hess):
+                self._skip_group(gi)
+                continue
+            roots = self._root_scratch(ps)
+            _update(ps, grads, hess, *self._state_lists(ps), group, roots)
+            if roots is not None:
+                self._keep_roots(gi, roots)
+        return loss
+
+    def _params_with_grad(self, gi: int, group: dict[str, Any]) -> list[Tensor]:
+        params = []
+        for pi, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.grad_fn is None:
+                raise RuntimeError(
+                    f"AdaHessian: the gradient of parameter '{param_label(group, gi, pi)}' carries no graph, "
+                    "so no Hessian-vector product can be taken. Build gradients with "
+                    "loss.backward(create_graph=True) (or torch.autograd.grad(loss, params, "
+                    "create_graph=True)) before step()."
+                )
+            params.append(p)
+        return params
+
+    def _hutchinson(self, params: list[Tensor]) -> None:
+        """Set ``p.hess_diag = |z ⊙ Hz|`` for one Rademacher z over all ``params``."""
+        zs = [
+            torch.randint(0, 2, p.shape, generator=self.generator, device=p.device).to(p.dtype).mul_(2).sub_(1)
+            for p in params
+        ]
+        with torch.enable_grad():
+            hzs = torch.autograd.grad(
+                [p.grad for p in params], params, grad_outputs=zs, retain_graph=True, allow_unused=True
+            )
+        for p, z, hz in zip(params, zs, hzs):
+            p.hess_diag = torch.zeros_like(p) if hz is None else (z * hz.detach()).abs_()
+
+    def _state_lists(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[int]]:
+        exp_avgs, exp_sqs, steps = [], [], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_hessian_diag_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            exp_avgs.append(state["exp_avg"])
+            exp_sqs.append(state["exp_hessian_diag_sq"])
+            steps.append(state["step"])
+        return exp_avgs, exp_sqs, steps
+
+
+def _update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    hess: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_sqs: list[Tensor],
+    steps: list[int],
+    group: dict[str, Any],
+    roots: list[Tensor] | None = None,
+) -> None:
+    """The vectorised AdaHessian update of one param group; writes ``sqrt(v)`` into ``roots`` if given."""
+    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+    weight_decay, k = group["weight_decay"], group["hessian_power"]
+    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, hess, exp_avgs, exp_sqs], with_indices=True
+    )
+    for (p, g, d, m, v), indices in grouped.values():
+        t = [steps[i] for i in indices]
+        if weight_decay != 0.0:
+            torch._foreach_mul_(p, 1.0 - lr * weight_decay)
+        torch._foreach_lerp_(m, g, 1.0 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, d, d, value=1.0 - beta2)
+        sqrt_bc2 = [math.sqrt(1.0 - beta2**ti) for ti in t]
+        if roots is None:
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, sqrt_bc2)
+        else:
+            root = sqrt_into([roots[i] for i in indices], v)
+            denom = torch._foreach_div(root, sqrt_bc2)
+        if k != 1.0:
+            torch._foreach_pow_(denom, k)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(p, m, denom, [-lr / (1.0 - beta1**ti) for ti in t])

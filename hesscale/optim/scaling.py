@@ -1,0 +1,331 @@
+"""Step-size scaling: a curvature trust region on the update of any torch optimizer."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import CurvatureOptimizer
+from ._common import (
+    check_in_unit_interval,
+    check_positive,
+    clear_hess_diag,
+    group_key,
+    read_hess_diag,
+)
+from ._flat import Chunk, flatten_into, make_chunks, partial_sums
+
+__all__ = ["StepSizeScaling"]
+
+
+class StepSizeScaling(torch.optim.Optimizer):
+    r"""Shrink each step of any optimizer to a trust region of a diagonal quadratic model.
+
+    Elsayed, Farrahi, Dangel & Mahmood (ICML 2024, arXiv 2406.03276), §6 of the method notes.
+    On ``step()`` the wrapped optimizer computes its update ``u`` (learning rate included,
+    ``θ_after = θ_before − u``); then, per param group::
+
+        c ← sqrt(EMA_beta(ĥ²))          (ĥ = p.hess_diag, no bias correction)
+        T = Σ c·u²
+        α = min(max_scale, sqrt(2·delta / T))      (α = max_scale when T = 0)
+        θ ← θ_before − α·u
+
+    α is the largest step along ``u`` whose model change ``½·α²·Σ c·u²`` stays within ``delta``;
+    with ``max_scale = 1`` it only ever shrinks a step. "Scaled Adam" is
+    ``StepSizeScaling(torch.optim.Adam(...))``; "Scaled AdaHesScale" is
+    ``StepSizeScaling(AdaHesScale(...))`` (its own ``v`` is this EMA when ``beta`` equals its β2,
+    and is then reused rather than kept twice). Works with Adam, RMSprop, SGD, AdaHesScale,
+    AdaHessian (which produces ``hess_diag`` itself during its step).
+
+    It is a ``torch.optim.Optimizer`` that shares the wrapped optimizer's ``param_groups`` (so
+    SB3's ``update_learning_rate`` and torch's LR schedulers reach it), and ``zero_grad()`` (which
+    also clears ``hess_diag``), ``state_dict()``/``load_state_dict()`` (wrapped state + the EMA)
+    and ``step(closure)`` behave as torch's. ``last_scales`` maps each group's ``name`` (else its
+    index) to its last α; ``skipped_steps`` counts groups skipped because a gradient or curvature
+    was non-finite (the wrapped optimizer's state is then left untouched).
+
+    Args:
+        optimizer: the optimizer to wrap.
+        delta: the allowed model decrease δ (> 0).
+        max_scale: the largest α (> 0); 1 means the scaling only ever shrinks a step.
+        beta: the EMA factor of ĥ², in [0, 1).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        delta: float = 1e-8,
+        max_scale: float = 1.0,
+        beta: float = 0.999,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"StepSizeScaling wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, StepSizeScaling):
+            raise TypeError("StepSizeScaling cannot wrap another StepSizeScaling")
+        check_positive("delta", delta)
+        check_positive("max_scale", max_scale)
+        check_in_unit_interval("beta", beta)
+        # Deliberately not calling Optimizer.__init__: param_groups must stay the wrapped ones.
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+        self.optimizer = optimizer
+        if isinstance(optimizer, CurvatureOptimizer):
+            optimizer.keep_curvature_scale = True  # lets us reuse its sqrt(v) when it is our c
+        self.delta = float(delta)
+        self.max_scale = float(max_scale)
+        self.beta = float(beta)
+        self.state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        self.last_scales: dict[str | int, float] = {}
+        self.skipped_steps = 0
+        self._chunks: dict[int, tuple[tuple[int, ...], list[Chunk]]] = {}  # flat work buffers per group
+
+    # -- sharing the wrapped optimizer's groups -----------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return (
+            f"StepSizeScaling(delta={self.delta}, max_scale={self.max_scale}, beta={self.beta},\n"
+            f"  {self.optimizer!r})"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
+
+    # -- the torch optimizer interface ----------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``zero_grad`` of the wrapped optimizer, and ``hess_diag`` cleared too."""
+        self.optimizer.zero_grad(set_to_none)
+        clear_hess_diag(self.param_groups)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """The wrapped optimizer's step, then each group's step rescaled by its α."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        inner = self.optimizer
+        checks_itself = isinstance(inner, CurvatureOptimizer)
+        groups = self.param_groups
+
+        # 1. Per group: the stepping params and θ_before. For a plain torch optimizer, also read
+        #    the curvature, check finiteness and update the EMA now; a non-finite group gets its
+        #    grads hidden so that the wrapped optimizer skips it and leaves its state untouched.
+        plans: list[tuple[list[int], list[Tensor], list[Chunk]] | None] = []
+        skipped: set[int] = set()
+        hidden: list[tuple[Tensor, Tensor]] = []
+        for gi, group in enumerate(groups):
+            indices = [pi for pi, p in enumerate(group["params"]) if p.grad is not None]
+            if not indices:
+                plans.append(None)
+                continue
+            params = [group["params"][pi] for pi in indices]
+            chunks = self._chunks_for(gi, params)
+            if not checks_itself:
+                hess = [read_hess_diag(p, "StepSizeScaling", group, gi, pi) for pi, p in zip(indices, params)]
+                per_chunk = [[hess[i] for i in ch.positions] for ch in chunks]
+                sums = []
+                for ch, h in zip(chunks, per_chunk):
+                    sums += partial_sums(ch, "before", [p.grad for p in ch.params])
+                    sums += partial_sums(ch, "work", h)  # small chunks keep ĥ in ch.work
+                if not _finite(sums):
+                    skipped.add(gi)
+                    hidden.extend((p, p.grad) for p in params)
+                    plans.append(None)
+                    continue
+                for ch, h in zip(chunks, per_chunk):
+                    self._update_ema(ch, h, in_work=True)
+            for ch in chunks:
+                flatten_into(ch, "before", ch.params)
+            plans.append((indices, params, chunks))
+
+        # 2. The wrapped optimizer's own step.
+        for p, _ in hidden:
+            p.grad = None
+        try:
+            inner.step()
+        finally:
+            for p, g in hidden:
+                p.grad = g
+        if checks_itself:
+            skipped = set(inner.last_skipped_groups)
+        self.skipped_steps += len(skipped)
+
+        # 3. Per group: u = θ_before − θ_after, c, T = Σ c·u², α, θ = θ_before − α·u.
+        for gi, (group, plan) in enumerate(zip(groups, plans)):
+            if plan is None or gi in skipped:
+                continue
+            indices, params, chunks = plan
+            roots = inner.curvature_scale(gi, params, self.beta) if checks_itself else None
+            hess = None
+            if checks_itself and roots is None:  # e.g. AdaHessian makes hess_diag during its step
+                hess = [read_hess_diag(p, "StepSizeScaling", group, gi, pi) for pi, p in zip(indices, params)]
+            dots = []
+            for ch in chunks:
+                torch._foreach_sub_(ch.views_of("before"), ch.params)  # before := u = θ_before − θ_after
+                if roots is not None and not ch.small:  # c·u in the optimizer's own scratch
+                    c, u = [roots[i] for i in ch.positions], ch.views_of("before")
+                    torch._foreach_mul_(c, u)
+                    dots.extend(torch.dot(a.view(-1), b.view(-1)) for a, b in zip(c, u))
+                    continue
+                if roots is not None:
+                    flatten_into(ch, "work", [roots[i] for i in ch.positions])
+                else:
+                    if hess is not None:
+                        self._update_ema(ch, [hess[i] for i in ch.positions], in_work=False)
+                    torch.sqrt(self._ema(ch), out=ch.work)
+                ch.work.mul_(ch.before)
+                dots.append(torch.dot(ch.work, ch.before))
+            alpha = self._alpha(_sum_scalars(dots))
+            if alpha != 1.0:
+                for ch in chunks:  # θ_after + (1−α)·u = θ_before − α·u
+                    torch._foreach_add_(ch.params, ch.views_of("before"), alpha=1.0 - alpha)
+            self.last_scales[group_key(group, gi)] = alpha
+        return loss
+
+    def _alpha(self, total: float) -> float:
+        """``min(max_scale, sqrt(2δ/T))``; ``max_scale`` for T = 0, 0 (no step) for T = inf or NaN."""
+        if total == 0.0:
+            return self.max_scale
+        if not math.isfinite(total):
+            return 0.0
+        return min(self.max_scale, math.sqrt(2.0 * self.delta / total))
+
+    def _chunks_for(self, gi: int, params: list[Tensor]) -> list[Chunk]:
+        key = tuple(id(p) for p in params)
+        cached = self._chunks.get(gi)
+        if cached is None or cached[0] != key:
+            cached = self._chunks[gi] = (key, make_chunks(params))
+        return cached[1]
+
+    def _ema(self, ch: Chunk) -> Tensor:
+        """The flat EMA of a chunk; per-param views of it are this wrapper's state."""
+        if ch.ema is None:
+            ch.ema = torch.zeros_like(ch.work)
+            for p, view in zip(ch.params, ch.views_of("ema")):
+                old = self.state[p].get("curvature_ema")
+                if old is not None:
+                    view.copy_(old)
+                self.state[p]["curvature_ema"] = view
+        return ch.ema
+
+    def _update_ema(self, ch: Chunk, hess: list[Tensor], in_work: bool) -> None:
+        """``e ← beta·e + (1−beta)·ĥ²`` (flat for small chunks, where ĥ may already be in ``ch.work``)."""
+        ema = self._ema(ch)
+        if ch.small:
+            if not in_work:
+                flatten_into(ch, "work", hess)
+            ema.mul_(self.beta).addcmul_(ch.work, ch.work, value=1.0 - self.beta)
+        else:
+            views = ch.views_of("ema")
+            torch._foreach_mul_(views, self.beta)
+            torch._foreach_addcmul_(views, hess, hess, value=1.0 - self.beta)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """``{"optimizer": wrapped state_dict, "scaler": EMA per param index + settings}``."""
+        index = self._param_indices()
+        ema = {index[id(p)]: dict(s) for p, s in self.state.items() if id(p) in index}
+        scaler = dict(
+            state=ema,
+            delta=self.delta,
+            max_scale=self.max_scale,
+            beta=self.beta,
+            skipped_steps=self.skipped_steps,
+            last_scales=dict(self.last_scales),
+        )
+        return {"optimizer": self.optimizer.state_dict(), "scaler": scaler}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        scaler = state_dict["scaler"]
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.state = defaultdict(dict)
+        for i, s in scaler["state"].items():
+            p = params[int(i)]
+            self.state[p] = {k: v.to(dtype=p.dtype, device=p.device).clone() for k, v in s.items()}
+        self.delta = float(scaler["delta"])
+        self.max_scale = float(scaler["max_scale"])
+        self.beta = float(scaler["beta"])
+        self.skipped_steps = int(scaler["skipped_steps"])
+        self.last_scales = dict(scaler["last_scales"])
+        self._chunks = {}  # rebuilt from the loaded state at the next step
+
+    def _param_indices(self) -> dict[int, int]:
+        index: dict[int, int] = {}
+        for p in (p for g in self.param_groups for p in g["params"]):
+            index.setdefault(id(p), len(index))
+        return index
+
+    # -- construction for libraries that build the optimizer themselves (SB3) --------------------
+    @classmethod
+    def factory(
+        cls,
+        optimizer_class: type[torch.optim.Optimizer],
+        delta: float = 1e-8,
+        max_scale: float = 1.0,
+        beta: float = 0.999,
+    ) -> Callable[..., StepSizeScaling]:
+        """A picklable ``optimizer_class`` for SB3's ``policy_kwargs``.
+
+        ``StepSizeScaling.factory(torch.optim.Adam, delta=1e-8)(params, lr=3e-4, eps=1e-5)`` is
+        ``StepSizeScaling(torch.optim.Adam(params, lr=3e-4, eps=1e-5), delta=1e-8)``.
+        """
+        return functools.partial(_build_scaled, optimizer_class, delta, max_scale, beta)
+
+
+def _build_scaled(
+    optimizer_class: type[torch.optim.Optimizer],
+    delta: float,
+    max_scale: float,
+    beta: float,
+    params: Any,
+    **kwargs: Any,
+) -> StepSizeScaling:
+    return StepSizeScaling(optimizer_class(params, **kwargs), delta=delta, max_scale=max_scale, beta=beta)
+
+
+def _sum_scalars(values: list[Tensor]) -> float:
+    if len(values) == 1:
+        return values[0].item()
+    if len({v.device for v in values}) > 1:
+        return float(sum(v.item() for v in values))
+    return torch.stack(values).sum().item()
+
+
+def _finite(sums: list[Tensor]) -> bool:
+    if len({(x.device, x.dtype) for x in sums}) > 1:
+        return all(bool(torch.isfinite(x)) for x in sums)
+    return bool(torch.isfinite(torch.stack(sums).sum()))
