@@ -26,3 +26,9 @@ def test_approx_quality_quick(tmp_path):
     assert errors["hesscale"] == 1.0
     assert errors["bl89"] > 1.0  # the paper's ordering holds even on a tiny run
     assert (tmp_path / "approx_quality.csv").exists() and (tmp_path / "approx_quality.png").exists()
+
+
+def test_bench_cost_quick(tmp_path):
+    _run(["scripts/bench_cost.py", "--quick"], tmp_path)
+    row = json.loads((tmp_path / "bench_cost.json").read_text())["rows"][0]
+    assert row["adam"] == 1.0 and {"sgd", "adahesscale", "adahesscale_gn", "bl89", "adahessian"} <= row.keys()
