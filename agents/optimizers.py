@@ -1,0 +1,218 @@
+"""The agents' optimizer choice: a plain, serialisable dict, validated and turned into optimizers.
+
+The dict (every key optional, ``None`` = SB3's own default for the algorithm)::
+
+    {"name": "adam" | "rmsprop" | "sgd" | "adahesscale" | "adahessian",
+     "curvature": "hesscale" | "hesscale_gn" | "bl89",
+     "kwargs": {...},                      # hyperparameters except lr (eps, betas, momentum, ...)
+     "scaling": {"enabled": False, "delta": 1e-8, "max_scale": 1.0, "beta": 0.999},
+     "max_grad_norm": None,                # clipping on the curvature path only (see below)
+     "actor_curvature": "gn" | "exact"}    # SAC only (ignored by PPO/A2C)
+
+Two paths follow from it:
+
+* **first-order** (``adam``/``rmsprop``/``sgd`` without scaling): SB3 builds the optimizer itself through
+  ``policy_kwargs["optimizer_class"/"optimizer_kwargs"]`` and SB3's own ``train()`` runs untouched.
+  ``kwargs`` are merged over SB3's defaults for that algorithm (Adam ``eps=1e-5`` for PPO/A2C,
+  A2C's RMSprop ``alpha=0.99, eps=rms_prop_eps, weight_decay=0``, torch's defaults otherwise).
+  Gradient clipping is SB3's algorithm argument ``max_grad_norm``; the dict's ``max_grad_norm``
+  must stay ``None`` there (PPO/A2C) — SAC has no clipping in SB3.
+* **curvature** (``adahesscale``, ``adahessian``, or any optimizer with ``scaling.enabled``): the
+  agents' own ``train()`` computes the Hessian diagonal (``hesscale.capture``; ``create_graph``
+  for AdaHessian) and steps these optimizers, with param groups named ``pi``/``log_std``/``vf``
+  (PPO/A2C) or one optimizer per network ``actor``/``critic`` (SAC). Here the dict's
+  ``max_grad_norm`` is the clipping threshold (``None`` = no clipping, as in the paper's runs),
+  applied to the global gradient norm of each optimizer's parameters; SB3's ``max_grad_norm``
+  argument is not used.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+import torch as th
+
+FIRST_ORDER = ("adam", "rmsprop", "sgd")
+CURVATURE_OPTIMIZERS = ("adahesscale", "adahessian")
+OPTIMIZER_NAMES = FIRST_ORDER + CURVATURE_OPTIMIZERS
+CURVATURE_METHODS = ("hesscale", "hesscale_gn", "bl89")
+ACTOR_CURVATURE = ("gn", "exact")
+ALGOS = ("ppo", "a2c", "sac")
+
+TOP_KEYS = ("name", "curvature", "kwargs", "scaling", "max_grad_norm", "actor_curvature")
+SCALING_DEFAULTS = {"enabled": False, "delta": 1e-8, "max_scale": 1.0, "beta": 0.999}
+
+# SB3's own default optimizer per algorithm (A2C: RMSprop, ``use_rms_prop=True``).
+SB3_DEFAULT_NAME = {"ppo": "adam", "a2c": "rmsprop", "sac": "adam"}
+
+_TORCH_CLASSES = {"adam": th.optim.Adam, "rmsprop": th.optim.RMSprop, "sgd": th.optim.SGD}
+
+
+def _valid(kind: str, value: Any, valid: Iterable[Any]) -> ValueError:
+    return ValueError(f"invalid optimizer {kind} {value!r}; valid: {', '.join(map(repr, valid))}")
+
+
+def normalize_optimizer_config(config: dict | None, algo: str) -> dict:
+    """Validate ``config`` and return a new plain dict with every key filled in.
+
+    ``None`` gives SB3's own default optimizer for ``algo`` (``"ppo"``, ``"a2c"``, ``"sac"``).
+    Unknown names or keys raise ``ValueError`` naming the bad value and listing the valid ones.
+    """
+    if algo not in ALGOS:
+        raise _valid("algorithm", algo, ALGOS)
+    if config is None:
+        config = {}
+    try:  # a Hydra/OmegaConf node becomes plain containers, so the stored dict stays plain
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(config):
+            config = OmegaConf.to_container(config, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf comes with hydra-core
+        pass
+    if not isinstance(config, dict):
+        # Accept mappings such as OmegaConf's DictConfig converted by the caller; anything else is a bug.
+        try:
+            config = dict(config)
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"optimizer must be a dict or None, got {type(config).__name__}") from exc
+    for key in config:
+        if key not in TOP_KEYS:
+            raise _valid("key", key, TOP_KEYS)
+
+    name = config.get("name")
+    name = SB3_DEFAULT_NAME[algo] if name is None else str(name).lower()
+    if name not in OPTIMIZER_NAMES:
+        raise _valid("name", config.get("name"), OPTIMIZER_NAMES)
+
+    curvature = config.get("curvature")
+    curvature = "hesscale" if curvature is None else str(curvature).lower()
+    if curvature not in CURVATURE_METHODS:
+        raise _valid("curvature", config.get("curvature"), CURVATURE_METHODS)
+
+    kwargs = config.get("kwargs") or {}
+    if not isinstance(kwargs, dict):
+        kwargs = dict(kwargs)
+    kwargs = {str(k): (tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()}
+    if "lr" in kwargs:
+        raise ValueError("optimizer kwargs must not contain 'lr': the learning rate is SB3's `learning_rate`")
+
+    scaling_in = config.get("scaling") or {}
+    if isinstance(scaling_in, bool):
+        scaling_in = {"enabled": scaling_in}
+    scaling_in = dict(scaling_in)
+    for key in scaling_in:
+        if key not in SCALING_DEFAULTS:
+            raise _valid("scaling key", key, tuple(SCALING_DEFAULTS))
+    scaling = {**SCALING_DEFAULTS, **{k: v for k, v in scaling_in.items() if v is not None}}
+    scaling["enabled"] = bool(scaling["enabled"])
+    for key in ("delta", "max_scale", "beta"):
+        scaling[key] = float(scaling[key])
+    if scaling["enabled"]:
+        if not scaling["delta"] > 0:
+            raise ValueError(f"invalid scaling delta {scaling['delta']!r}; must be > 0")
+        if not scaling["max_scale"] > 0:
+            raise ValueError(f"invalid scaling max_scale {scaling['max_scale']!r}; must be > 0")
+        if not 0.0 <= scaling["beta"] < 1.0:
+            raise ValueError(f"invalid scaling beta {scaling['beta']!r}; must be in [0, 1)")
+
+    max_grad_norm = config.get("max_grad_norm")
+    if max_grad_norm is not None:
+        max_grad_norm = float(max_grad_norm)
+        if not max_grad_norm > 0:
+            raise ValueError(f"invalid optimizer max_grad_norm {max_grad_norm!r}; must be > 0 or None")
+
+    actor_curvature = config.get("actor_curvature")
+    actor_curvature = "gn" if actor_curvature is None else str(actor_curvature).lower()
+    if actor_curvature not in ACTOR_CURVATURE:
+        raise _valid("actor_curvature", config.get("actor_curvature"), ACTOR_CURVATURE)
+
+    out = {
+        "name": name,
+        "curvature": curvature,
+        "kwargs": kwargs,
+        "scaling": scaling,
+        "max_grad_norm": max_grad_norm,
+        "actor_curvature": actor_curvature,
+    }
+    if not uses_curvature(out) and max_grad_norm is not None and algo in ("ppo", "a2c"):
+        raise ValueError(
+            "optimizer max_grad_norm applies to the curvature path only; first-order optimizers use "
+            f"SB3's own clipping: pass max_grad_norm={max_grad_norm} to {algo.upper()} instead"
+        )
+    if not uses_curvature(out) and max_grad_norm is not None and algo == "sac":
+        raise ValueError("optimizer max_grad_norm: SB3's SAC does not clip gradients on the first-order path")
+    return out
+
+
+def uses_curvature(config: dict) -> bool:
+    """True when the update needs a Hessian diagonal (our ``train()``), False for SB3's own ``train()``."""
+    return config["name"] in CURVATURE_OPTIMIZERS or bool(config["scaling"]["enabled"])
+
+
+def _sb3_first_order_kwargs(name: str, algo: str, rms_prop_eps: float = 1e-5) -> dict:
+    """SB3's own optimizer kwargs for ``name`` on ``algo`` (what SB3 would build)."""
+    if algo in ("ppo", "a2c") and name == "adam":
+        return {"eps": 1e-5}  # ActorCriticPolicy's default for Adam
+    if algo == "a2c" and name == "rmsprop":
+        return {"alpha": 0.99, "eps": rms_prop_eps, "weight_decay": 0}
+    return {}
+
+
+def first_order_policy_kwargs(config: dict, algo: str, rms_prop_eps: float = 1e-5) -> dict:
+    """``policy_kwargs`` entries that make SB3 build the configured first-order optimizer.
+
+    Empty when SB3's default already is that optimizer (so the control arm passes nothing at all).
+    """
+    name, kwargs = config["name"], config["kwargs"]
+    if uses_curvature(config):
+        return {}
+    if name == SB3_DEFAULT_NAME[algo] and not kwargs:
+        return {}
+    if not kwargs:
+        if algo == "a2c" and name == "adam":
+            # As SB3 builds Adam for A2C (use_rms_prop=False): ActorCriticPolicy adds eps=1e-5.
+            return {"optimizer_class": th.optim.Adam}
+        if algo == "a2c" and name == "rmsprop":
+            return {}
+    merged = {**_sb3_first_order_kwargs(name, algo, rms_prop_eps), **kwargs}
+    return {"optimizer_class": _TORCH_CLASSES[name], "optimizer_kwargs": merged}
+
+
+def build_optimizer(config: dict, groups: list[dict], lr: float, algo: str, rms_prop_eps: float = 1e-5):
+    """Build the curvature-path optimizer over named ``groups`` (``[{"name": ..., "params": [...]}]``).
+
+    The base optimizer is torch's Adam/RMSprop/SGD (with SB3's defaults for the algorithm, overridden
+    by ``kwargs``), ``hesscale.optim.AdaHesScale`` or ``hesscale.optim.AdaHessian``; with
+    ``scaling.enabled`` it is wrapped in ``hesscale.optim.StepSizeScaling``.
+    """
+    name, kwargs = config["name"], dict(config["kwargs"])
+    groups = [dict(g) for g in groups if len(g["params"]) > 0]
+    if name in _TORCH_CLASSES:
+        base_kwargs = {**_sb3_first_order_kwargs(name, algo, rms_prop_eps), **kwargs}
+        base = _TORCH_CLASSES[name](groups, lr=lr, **base_kwargs)
+    else:
+        import hesscale.optim as hoptim
+
+        cls = {"adahesscale": hoptim.AdaHesScale, "adahessian": hoptim.AdaHessian}[name]
+        base = cls(groups, lr=lr, **kwargs)
+    if not config["scaling"]["enabled"]:
+        return base
+    import hesscale.optim as hoptim
+
+    s = config["scaling"]
+    return hoptim.StepSizeScaling(base, delta=s["delta"], max_scale=s["max_scale"], beta=s["beta"])
+
+
+def describe(config: dict) -> str:
+    """A short human-readable label, e.g. ``scaled adahesscale(hesscale)``."""
+    label = config["name"]
+    if config["name"] == "adahesscale" or (config["scaling"]["enabled"] and config["name"] in FIRST_ORDER):
+        label += f"({config['curvature']})"
+    if config["scaling"]["enabled"]:
+        label = "scaled " + label
+    return label
+
+
+def copy_config(config: dict) -> dict:
+    return copy.deepcopy(config)

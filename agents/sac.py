@@ -1,0 +1,210 @@
+"""SAC whose actor and critic updates can use HesScale curvature.
+
+Critic: curvature of SB3's critic loss ``0.5·Σ_i MSE(Q_i(s, a), y)`` (per-sample output Hessian by
+the core). Actor: curvature of ``mean(α·log π(ã|s) − min_i Q_i(s, ã))`` through the critics, the
+``tanh`` squashing and the entropy term, w.r.t. the actor's two heads (mean ``mu`` and the
+pre-clamp ``log_std`` output), then the HesScale sweep through the actor's trunk. Two routes for
+the heads' per-sample output Hessians (``optimizer["actor_curvature"]``):
+
+* ``"exact"``: the core differentiates the loss twice by autograd, through both critics: one
+  batched Hessian-vector product per head output (``2·act_dim`` products through the critics,
+  each about the cost of a critic forward + double backward).
+* ``"gn"`` (default): the critic linearised in the action (its action-Hessian dropped) and a closed
+  form for the Gaussian/tanh part. With ``u = μ + σ·ε``, ``ã = tanh u``, ``s = 1 − ã²``,
+  ``g = ∂min Q/∂ã`` (one extra backward through the critics, to the action only), SB3's
+  squashing term ``f(u) = −log(s + δ)``, and ``φ(u) = α·f(u) − Q``::
+
+      φ'  = α·f'(u) − g·s                    f'  = 2ãs/(s+δ)
+      φ'' = α·f''(u) + 2g·ã·s                f'' = 2s(s−2ã²)/(s+δ) + 4ã²s²/(s+δ)²
+      H_μ = φ''/N        H_logstd = m·(φ''·(σε)² + φ'·σε)/N
+
+  (the Gaussian log-density is ``−ε²/2 − log σ`` under the reparametrisation: no curvature;
+  ``m`` masks SB3's clamp of ``log_std`` to [−20, 2]). With ReLU critics (SB3's default) ``Q`` is
+  piecewise linear in the action, so ``"gn"`` equals ``"exact"`` up to rounding.
+
+SB3's entropy-coefficient optimizer (Adam on ``log_ent_coef``) is left as it is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch as th
+from stable_baselines3 import SAC as SB3SAC
+from stable_baselines3.common.type_aliases import RolloutReturn
+from stable_baselines3.common.utils import polyak_update
+from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN
+from torch.nn import functional as F
+
+from .base import CurvatureAgentMixin
+from .optimizers import build_optimizer
+from .second_order import CurvatureUpdate
+
+
+def _has_params(module: th.nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+class SAC(CurvatureAgentMixin, SB3SAC):
+    """SB3's SAC with an ``optimizer`` choice (see :mod:`agents.optimizers` and the module doc).
+
+    Curvature optimizers replace ``actor.optimizer`` (group ``actor``) and ``critic.optimizer``
+    (group ``critic``: both Q-networks, one step-size scale) and run :meth:`_train_curvature`:
+    upstream's ``train()`` with the two optimisation blocks replaced by the shared
+    :class:`~agents.second_order.CurvatureUpdate` (``target_update_interval``, n-step discounts,
+    fixed or learned ``ent_coef`` honoured; gSDE rejected).
+    """
+
+    _algo = "sac"
+
+    def _setup_curvature(self) -> None:
+        cfg = self.optimizer_config
+        lr = self.lr_schedule(1)
+        create_graph = cfg["name"] == "adahessian"
+        actor, critic = self.actor, self.critic
+
+        actor_params = list(actor.parameters())
+        self.actor.optimizer = build_optimizer(cfg, [{"name": "actor", "params": actor_params}], lr, "sac")
+        actor_modules = [actor.latent_pi, actor.mu, actor.log_std]
+        if _has_params(actor.features_extractor):
+            actor_modules.insert(0, actor.features_extractor)
+
+        if critic.share_features_extractor:
+            critic_params = [p for n, p in critic.named_parameters() if "features_extractor" not in n]
+        else:
+            critic_params = list(critic.parameters())
+        self.critic.optimizer = build_optimizer(cfg, [{"name": "critic", "params": critic_params}], lr, "sac")
+        critic_modules = list(critic.q_networks)
+        if not critic.share_features_extractor and _has_params(critic.features_extractor):
+            critic_modules.insert(0, critic.features_extractor)
+
+        common = dict(method=cfg["curvature"], max_grad_norm=cfg["max_grad_norm"], create_graph=create_graph)
+        self._updates = {
+            "actor": CurvatureUpdate(self.actor.optimizer, actor_modules, clip_params=actor_params, **common),
+            "critic": CurvatureUpdate(self.critic.optimizer, critic_modules, clip_params=critic_params, **common),
+        }
+
+    def _stopped_rollout(self) -> RolloutReturn:
+        return RolloutReturn(0, 0, False)
+
+    def _divergence_watch(self) -> list[th.Tensor]:
+        tensors = list(self.actor.parameters()) + list(self.critic.parameters())
+        if self.log_ent_coef is not None:
+            tensors.append(self.log_ent_coef)
+        return tensors
+
+    # -- the actor's forward, with its head outputs exposed ----------------------------------
+    def _actor_forward(self, obs: th.Tensor):
+        """``actor.action_log_prob(obs)`` (same ops, same random draws), also returning the head
+        outputs ``mean_actions`` and pre-clamp ``log_std`` and the Gaussian sample ``u``."""
+        actor = self.actor
+        features = actor.extract_features(obs, actor.features_extractor)
+        latent_pi = actor.latent_pi(features)
+        mean_actions = actor.mu(latent_pi)
+        log_std_raw = actor.log_std(latent_pi)
+        log_std = th.clamp(log_std_raw, LOG_STD_MIN, LOG_STD_MAX)
+        actions_pi, log_prob = actor.action_dist.log_prob_from_params(mean_actions, log_std)
+        gaussian_actions = actor.action_dist.gaussian_actions
+        return actions_pi, log_prob, mean_actions, log_std_raw, gaussian_actions
+
+    def _actor_gn_output_hessians(self, mean_actions, log_std_raw, gaussian_actions, actions_pi, min_qf_pi, ent_coef):
+        """Closed-form per-sample Hessians of the actor loss w.r.t. the two heads (see module doc)."""
+        (g,) = th.autograd.grad(min_qf_pi.sum(), actions_pi, retain_graph=True)
+        with th.no_grad():
+            n = mean_actions.shape[0]
+            delta = self.actor.action_dist.epsilon
+            t = actions_pi.detach()
+            s = 1.0 - t * t
+            sd = s + delta
+            f1 = 2.0 * t * s / sd
+            f2 = 2.0 * s * (s - 2.0 * t * t) / sd + 4.0 * t * t * s * s / (sd * sd)
+            alpha = ent_coef.detach().reshape(-1)[0] if th.is_tensor(ent_coef) else float(ent_coef)
+            phi1 = alpha * f1 - g * s
+            phi2 = alpha * f2 + 2.0 * g * t * s
+            sigma_eps = gaussian_actions.detach() - mean_actions.detach()
+            raw = log_std_raw.detach()
+            mask = ((raw >= LOG_STD_MIN) & (raw <= LOG_STD_MAX)).to(raw.dtype)
+            h_mu = phi2 / n
+            h_log_std = mask * (phi2 * sigma_eps * sigma_eps + phi1 * sigma_eps) / n
+        return {mean_actions: h_mu, log_std_raw: h_log_std}
+
+    def _train_curvature(self, gradient_steps: int, batch_size: int = 64) -> None:
+        """Upstream ``SAC.train()`` (SB3 2.9.2) with the two optimisation blocks replaced."""
+        actor_update, critic_update = self._updates["actor"], self._updates["critic"]
+        gn = self.optimizer_config["actor_curvature"] == "gn" and not actor_update.create_graph
+        self.policy.set_training_mode(True)
+        optimizers = [self.actor.optimizer, self.critic.optimizer]
+        if self.ent_coef_optimizer is not None:
+            optimizers += [self.ent_coef_optimizer]
+        self._update_learning_rate(optimizers)
+
+        ent_coef_losses, ent_coefs = [], []
+        actor_losses, critic_losses = [], []
+
+        for gradient_step in range(gradient_steps):
+            replay_data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
+            discounts = replay_data.discounts if replay_data.discounts is not None else self.gamma
+
+            with actor_update.capture() as actor_cap:
+                actions_pi, log_prob, mean_actions, log_std_raw, gaussian_actions = self._actor_forward(
+                    replay_data.observations
+                )
+            log_prob = log_prob.reshape(-1, 1)
+
+            ent_coef_loss = None
+            if self.ent_coef_optimizer is not None and self.log_ent_coef is not None:
+                ent_coef = th.exp(self.log_ent_coef.detach())
+                assert isinstance(self.target_entropy, float)
+                ent_coef_loss = -(self.log_ent_coef * (log_prob + self.target_entropy).detach()).mean()
+                ent_coef_losses.append(ent_coef_loss.item())
+            else:
+                ent_coef = self.ent_coef_tensor
+
+            ent_coefs.append(ent_coef.item())
+
+            if ent_coef_loss is not None and self.ent_coef_optimizer is not None:
+                self.ent_coef_optimizer.zero_grad()
+                ent_coef_loss.backward()
+                self.ent_coef_optimizer.step()
+
+            with th.no_grad():
+                next_actions, next_log_prob = self.actor.action_log_prob(replay_data.next_observations)
+                next_q_values = th.cat(self.critic_target(replay_data.next_observations, next_actions), dim=1)
+                next_q_values, _ = th.min(next_q_values, dim=1, keepdim=True)
+                next_q_values = next_q_values - ent_coef * next_log_prob.reshape(-1, 1)
+                target_q_values = replay_data.rewards + (1 - replay_data.dones) * discounts * next_q_values
+
+            with critic_update.capture() as critic_cap:
+                current_q_values = self.critic(replay_data.observations, replay_data.actions)
+
+            critic_loss = 0.5 * sum(F.mse_loss(current_q, target_q_values) for current_q in current_q_values)
+            assert isinstance(critic_loss, th.Tensor)
+            critic_losses.append(critic_loss.item())
+
+            # Optimize the critic: gradient + curvature + (scaled) step.
+            critic_update.step(critic_cap, critic_loss)
+
+            q_values_pi = th.cat(self.critic(replay_data.observations, actions_pi), dim=1)
+            min_qf_pi, _ = th.min(q_values_pi, dim=1, keepdim=True)
+            actor_loss = (ent_coef * log_prob - min_qf_pi).mean()
+            actor_losses.append(actor_loss.item())
+
+            # Optimize the actor: gradient + curvature (through the critics) + (scaled) step.
+            output_hessians = None
+            if gn:
+                output_hessians = self._actor_gn_output_hessians(
+                    mean_actions, log_std_raw, gaussian_actions, actions_pi, min_qf_pi, ent_coef
+                )
+            actor_update.step(actor_cap, actor_loss, output_hessians=output_hessians)
+
+            if gradient_step % self.target_update_interval == 0:
+                polyak_update(self.critic.parameters(), self.critic_target.parameters(), self.tau)
+                polyak_update(self.batch_norm_stats, self.batch_norm_stats_target, 1.0)
+
+        self._n_updates += gradient_steps
+
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/ent_coef", np.mean(ent_coefs))
+        self.logger.record("train/actor_loss", np.mean(actor_losses))
+        self.logger.record("train/critic_loss", np.mean(critic_losses))
+        if len(ent_coef_losses) > 0:
+            self.logger.record("train/ent_coef_loss", np.mean(ent_coef_losses))

@@ -1,0 +1,187 @@
+"""The one shared second-order update: losses of a network → gradient + curvature → optimizer step.
+
+Every agent's curvature-path ``train()`` mirrors upstream SB3's loss computation and replaces
+SB3's optimisation block::
+
+    self.policy.optimizer.zero_grad()
+    loss.backward()
+    th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+    self.policy.optimizer.step()
+
+by::
+
+    with update.capture() as cap:                     # around the forward of the network
+        values, log_prob, entropy = self.policy.evaluate_actions(obs, actions)
+    ... upstream's loss code, unchanged ...
+    update.step(cap, loss)                            # grads + hess_diag, clip, step, diagnostics
+
+:class:`CurvatureUpdate` owns one optimizer (which may have several named param groups) and the
+modules whose parameters it updates. Curvature comes from :class:`hesscale.capture` (HesScale,
+HesScaleGN or BL89 sweep; exact per-sample loss Hessians w.r.t. the captured outputs, or the closed
+forms the caller passes in ``output_hessians``), or — for AdaHessian — from gradients built with
+``create_graph=True`` (the optimizer then draws its own Hutchinson estimate).
+
+Diagnostics, accumulated between :meth:`CurvatureUpdate.record` calls and written there under
+``train/``: ``step_scale/<group>`` (mean α of step-size scaling), ``hess_diag_mean/<group>`` and
+``hess_diag_max/<group>`` (mean and max of ĥ over the group's entries, averaged / maxed over the
+updates), and ``skipped_steps`` (the optimizer's count of skipped group steps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import torch as th
+from torch import nn
+
+from .divergence import Diverged
+
+
+class CurvatureUpdate:
+    """Gradient + Hessian diagonal + optimizer step for the parameters of one optimizer.
+
+    Args:
+        optimizer: a torch optimizer over named param groups (``group["name"]``); may be a
+            ``hesscale.optim.StepSizeScaling`` wrapper.
+        modules: the modules to capture (their leaf modules need HesScale rules).
+        leaf_params: parameters read directly by the loss (SB3's state-independent ``log_std``).
+        method: ``"hesscale"``, ``"hesscale_gn"`` or ``"bl89"``.
+        max_grad_norm: clip the global gradient norm of ``clip_params`` before the step
+            (``None``: no clipping).
+        create_graph: AdaHessian mode — no capture; gradients are built with ``create_graph=True``.
+        clip_params: the parameters whose norm is clipped (default: the optimizer's), in the order
+            SB3 uses so the clipping coefficient rounds identically.
+    """
+
+    def __init__(
+        self,
+        optimizer: th.optim.Optimizer,
+        modules: Sequence[nn.Module],
+        leaf_params: Iterable[nn.Parameter] = (),
+        method: str = "hesscale",
+        max_grad_norm: float | None = None,
+        create_graph: bool = False,
+        clip_params: Iterable[nn.Parameter] | None = None,
+    ) -> None:
+        self.optimizer = optimizer
+        self.modules = list(modules)
+        self.leaf_params = list(leaf_params)
+        self.method = method
+        self.max_grad_norm = max_grad_norm
+        self.create_graph = create_graph
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.clip_params = list(clip_params) if clip_params is not None else self.params
+        self.group_names = [str(g.get("name", i)) for i, g in enumerate(optimizer.param_groups)]
+        self._capture = None
+        if not create_graph:
+            import hesscale
+
+            # Built once (UnsupportedModuleError, naming path and type, is raised here) and
+            # re-entered for every update: entering resets its record.
+            self._capture = hesscale.capture(self.modules, leaf_params=self.leaf_params, method=method)
+        self._reset_stats()
+
+    # -- one update ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[object | None]:
+        """Record the forward of the captured modules (a no-op in AdaHessian mode)."""
+        if self._capture is None:
+            yield None
+            return
+        with self._capture as cap:
+            yield cap
+
+    def step(
+        self,
+        cap,
+        loss: th.Tensor,
+        output_hessians: Mapping[th.Tensor, th.Tensor] | None = None,
+        leaf_hessians: Mapping[th.Tensor, th.Tensor] | None = None,
+    ) -> None:
+        """``zero_grad`` → grads and ``hess_diag`` → optional clipping → ``optimizer.step()``.
+
+        Args:
+            cap: what :meth:`capture` yielded.
+            loss: the scalar loss (separable over samples).
+            output_hessians: closed-form per-sample loss Hessian diagonals for captured outputs
+                (see :class:`hesscale.capture`); the others are computed exactly by autograd.
+            leaf_hessians: closed-form Hessian diagonals of parameters the loss reads directly
+                and that are *not* captured (their gradient then comes from the same backward).
+
+        Raises :class:`~agents.divergence.Diverged` when the loss is non-finite (parameters
+        untouched) or when the optimizer skipped a group for a non-finite gradient or curvature.
+        """
+        if not bool(th.isfinite(loss.detach())):
+            raise Diverged(f"non-finite loss ({float(loss.detach())})")
+        self.optimizer.zero_grad()
+        if self.create_graph:
+            params = [p for p in self.params if p.requires_grad]
+            grads = th.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            for p, g in zip(params, grads):
+                p.grad = g
+        else:
+            cap.backward(loss, output_hessians=output_hessians, external_grads=bool(leaf_hessians))
+            for p, h in (leaf_hessians or {}).items():
+                p.hess_diag = h
+        if self.max_grad_norm is not None:
+            self._clip()
+        skipped_before = self.skipped_steps
+        self.optimizer.step()
+        if self.skipped_steps > skipped_before:
+            # The optimizers check gradients and curvature themselves and skip a non-finite group.
+            raise Diverged("non-finite gradient or curvature: the optimizer skipped a step")
+        self._record_step()
+
+    def _clip(self) -> None:
+        if not self.create_graph:
+            th.nn.utils.clip_grad_norm_(self.clip_params, self.max_grad_norm)
+            return
+        # Gradients that carry a graph must be scaled out of place (AdaHessian differentiates them).
+        grads = [p.grad for p in self.clip_params if p.grad is not None]
+        if not grads:
+            return
+        total = th.linalg.vector_norm(th.stack([th.linalg.vector_norm(g.detach()) for g in grads]))
+        coef = th.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+        for p in self.clip_params:
+            if p.grad is not None:
+                p.grad = p.grad * coef
+
+    # -- diagnostics --------------------------------------------------------------------------
+    def _reset_stats(self) -> None:
+        self._scale_sum = {n: 0.0 for n in self.group_names}
+        self._scale_n = {n: 0 for n in self.group_names}
+        self._h_mean_sum: dict[str, th.Tensor | float] = {n: 0.0 for n in self.group_names}
+        self._h_max: dict[str, th.Tensor | None] = {n: None for n in self.group_names}
+        self._h_n = {n: 0 for n in self.group_names}
+
+    def _record_step(self) -> None:
+        scales = getattr(self.optimizer, "last_scales", None)
+        for i, (name, group) in enumerate(zip(self.group_names, self.optimizer.param_groups)):
+            if scales is not None:
+                key = group.get("name", i)
+                if key in scales:
+                    self._scale_sum[name] += float(scales[key])
+                    self._scale_n[name] += 1
+            hs = [h.reshape(-1) for p in group["params"] if (h := getattr(p, "hess_diag", None)) is not None]
+            if hs:
+                flat = th.cat(hs) if len(hs) > 1 else hs[0]
+                self._h_mean_sum[name] = self._h_mean_sum[name] + flat.mean()
+                top = flat.max()
+                self._h_max[name] = top if self._h_max[name] is None else th.maximum(self._h_max[name], top)
+                self._h_n[name] += 1
+
+    def record(self, logger) -> None:
+        """Write the diagnostics accumulated since the last call to SB3's ``logger``, then reset."""
+        for name in self.group_names:
+            if self._scale_n[name]:
+                logger.record(f"train/step_scale/{name}", self._scale_sum[name] / self._scale_n[name])
+            if self._h_n[name]:
+                logger.record(f"train/hess_diag_mean/{name}", float(self._h_mean_sum[name]) / self._h_n[name])
+                logger.record(f"train/hess_diag_max/{name}", float(self._h_max[name]))
+        self._reset_stats()
+
+    @property
+    def skipped_steps(self) -> int:
+        opt = self.optimizer
+        return int(getattr(opt, "skipped_steps", 0) or getattr(getattr(opt, "optimizer", None), "skipped_steps", 0) or 0)

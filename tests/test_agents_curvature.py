@@ -1,0 +1,272 @@
+"""The curvature an agent's update uses, recomputed independently, and the update it takes.
+
+* PPO / A2C with AdaHesScale: the ``hess_diag`` present when the optimizer steps equals the core's
+  diagonal for the same loss written out here (plus exact checks: the value head's bias, the
+  state-independent ``log_std`` by a full autograd Hessian), and the step equals AdaHesScale's
+  equation; with step-size scaling, each group's α and step equal §6's formula.
+* SAC's closed-form ``actor_curvature="gn"``: equals the exact route where the critic is piecewise
+  linear in the action (ReLU) and, for a tanh critic, the exact route on the critic linearised in
+  the action — and differs from the exact route there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import hesscale
+import pytest
+import torch as th
+from torch.nn import functional as F
+
+import agents
+
+N = 64
+NET = dict(net_arch=[16, 16])
+
+
+def _snapshot_step(optimizer, record: list):
+    """Wrap ``optimizer.step`` to record θ, grad and hess_diag just before each step."""
+    inner = optimizer.step
+
+    def step(*args, **kwargs):
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        record.append(
+            dict(
+                theta=[p.detach().clone() for p in params],
+                grad=[p.grad.detach().clone() for p in params],
+                hess=[p.hess_diag.detach().clone() for p in params],
+            )
+        )
+        return inner(*args, **kwargs)
+
+    optimizer.step = step
+
+
+def _ppo_loss(model, pol, data):
+    advantages = data.advantages
+    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    with hesscale.capture([pol.mlp_extractor, pol.action_net, pol.value_net], leaf_params=[pol.log_std]) as cap:
+        values, log_prob, entropy = pol.evaluate_actions(data.observations, data.actions)
+    ratio = th.exp(log_prob - data.old_log_prob)
+    clip = model.clip_range(1.0)
+    surrogate = th.min(advantages * ratio, advantages * th.clamp(ratio, 1 - clip, 1 + clip))
+    loss = -surrogate.mean() - model.ent_coef * entropy.mean() + model.vf_coef * F.mse_loss(data.returns, values.flatten())
+    return cap, loss
+
+
+def _a2c_loss(model, pol, data):
+    with hesscale.capture([pol.mlp_extractor, pol.action_net, pol.value_net], leaf_params=[pol.log_std]) as cap:
+        values, log_prob, entropy = pol.evaluate_actions(data.observations, data.actions)
+    loss = (
+        -(data.advantages * log_prob).mean()
+        - model.ent_coef * entropy.mean()
+        + model.vf_coef * F.mse_loss(data.returns, values.flatten())
+    )
+    return cap, loss
+
+
+def _one_update(algo: str, optimizer: dict):
+    if algo == "ppo":
+        model = agents.PPO("MlpPolicy", "Pendulum-v1", optimizer=optimizer, n_steps=N, batch_size=N, n_epochs=1,
+                           ent_coef=0.01, seed=3, device="cpu", policy_kwargs=dict(NET))
+    else:
+        model = agents.A2C("MlpPolicy", "Pendulum-v1", optimizer=optimizer, n_steps=N, ent_coef=0.01, seed=3,
+                           device="cpu", policy_kwargs=dict(NET))
+    record: list = []
+    _snapshot_step(model.policy.optimizer, record)
+    model.learn(N)  # one rollout, one update (one minibatch = the whole rollout)
+    assert len(record) == 1 and model.divergence is None
+    return model, record[0]
+
+
+@pytest.mark.parametrize("algo", ["ppo", "a2c"])
+def test_adahesscale_uses_the_cores_diagonal_and_its_equation(algo):
+    model, snap = _one_update(algo, {"name": "adahesscale", "kwargs": {"eps": 1e-5}})
+    opt = model.policy.optimizer
+    params = [p for g in opt.param_groups for p in g["params"]]
+    names = {id(p): n for n, p in model.policy.named_parameters()}
+
+    theta_after = [p.detach().clone() for p in params]
+    # Recompute the curvature of the same loss on the same data at θ_before, independently
+    # (in the model's own policy, reset to θ_before).
+    pol = model.policy
+    own = dict(pol.named_parameters())
+    with th.no_grad():
+        for p, theta in zip(params, snap["theta"]):
+            own[names[id(p)]].copy_(theta)
+            p.grad = None
+    data = next(model.rollout_buffer.get(None))
+    cap, loss = (_ppo_loss if algo == "ppo" else _a2c_loss)(model, pol, data)
+    cap.backward(loss)
+    for p, h, g in zip(params, snap["hess"], snap["grad"]):
+        ref = own[names[id(p)]]
+        scale = ref.hess_diag.abs().max().clamp_min(1e-8)
+        assert float((h - ref.hess_diag).abs().max() / scale) < 1e-4, names[id(p)]
+        assert th.allclose(g, ref.grad, rtol=1e-4, atol=1e-6), names[id(p)]
+
+    # Exact anchors: value-head bias = vf_coef·2 (MSE); log_std by a full autograd Hessian.
+    idx = {names[id(p)]: i for i, p in enumerate(params)}
+    assert th.allclose(snap["hess"][idx["value_net.bias"]], th.tensor([2.0 * model.vf_coef]), rtol=1e-5)
+
+    latent_pi = pol.mlp_extractor.forward_actor(pol.extract_features(data.observations, pol.pi_features_extractor)).detach()
+    mean = pol.action_net(latent_pi).detach()
+    values = pol.predict_values(data.observations).detach().flatten()
+
+    def loss_ls(ls):
+        dist = th.distributions.Normal(mean, th.exp(ls).expand_as(mean))
+        log_prob = dist.log_prob(data.actions).sum(1)
+        ent = dist.entropy().sum(1)
+        if algo == "ppo":
+            adv = (data.advantages - data.advantages.mean()) / (data.advantages.std() + 1e-8)
+            ratio = th.exp(log_prob - data.old_log_prob)
+            pl = -th.min(adv * ratio, adv * th.clamp(ratio, 0.8, 1.2)).mean()
+        else:
+            pl = -(data.advantages * log_prob).mean()
+        return pl - model.ent_coef * ent.mean() + model.vf_coef * F.mse_loss(data.returns, values)
+
+    h_exact = th.autograd.functional.hessian(loss_ls, snap["theta"][idx["log_std"]]).diagonal()
+    assert th.allclose(snap["hess"][idx["log_std"]], h_exact, rtol=1e-4, atol=1e-7)
+
+    # The step is AdaHesScale's equation at t = 1.
+    group = opt.param_groups[0]
+    (b1, b2), eps, lr = group["betas"], group["eps"], group["lr"]
+    for p, after, theta, g, h in zip(params, theta_after, snap["theta"], snap["grad"], snap["hess"]):
+        m, v = (1 - b1) * g, (1 - b2) * h * h
+        expected = theta - lr * (m / (1 - b1)) / (th.sqrt(v / (1 - b2)) + eps)
+        assert th.allclose(after, expected, rtol=1e-6, atol=1e-7), names[id(p)]
+    assert max(float((a - t).abs().max()) for a, t in zip(theta_after, snap["theta"])) > 1e-5
+
+
+def test_scaled_adahesscale_alpha_per_group_is_the_formula():
+    delta = 1e-6
+    model, snap = _one_update("ppo", {"name": "adahesscale", "kwargs": {"eps": 1e-5},
+                                      "scaling": {"enabled": True, "delta": delta, "beta": 0.999}})
+    opt = model.policy.optimizer
+    assert isinstance(opt, hesscale.optim.StepSizeScaling)
+    assert set(opt.last_scales) == {"pi", "log_std", "vf"}
+    i = 0
+    for group in opt.param_groups:
+        (b1, b2), eps, lr = group["betas"], group["eps"], group["lr"]
+        us, cs, thetas, ps = [], [], [], []
+        for p in group["params"]:
+            theta, g, h = snap["theta"][i], snap["grad"][i], snap["hess"][i]
+            i += 1
+            u = lr * g / (th.sqrt((1 - b2) * h * h / (1 - b2)) + eps)  # AdaHesScale's update at t = 1
+            us.append(u)
+            cs.append(th.sqrt((1 - 0.999) * h * h))  # c = sqrt(EMA(ĥ²)), no bias correction
+            thetas.append(theta)
+            ps.append(p.detach())
+        total = sum(float((c * u * u).sum()) for c, u in zip(cs, us))
+        alpha = 1.0 if total == 0 else min(1.0, math.sqrt(2 * delta / total))
+        assert opt.last_scales[group["name"]] == pytest.approx(alpha, rel=1e-4)
+        for p, theta, u in zip(ps, thetas, us):
+            assert th.allclose(p, theta - alpha * u, rtol=1e-5, atol=1e-7)
+    assert min(opt.last_scales.values()) < 1.0  # the scaling really acted here
+
+
+# -- SAC: the closed-form actor curvature ------------------------------------------------------
+def _sac(activation):
+    model = agents.SAC("MlpPolicy", "Pendulum-v1", optimizer={"name": "adahesscale"}, learning_starts=N,
+                       batch_size=N, ent_coef=0.3, seed=5, device="cpu",
+                       policy_kwargs=dict(net_arch=[16, 16], activation_fn=activation))
+    model.learn(N + 8)
+    return model
+
+
+def _actor_hess(model, obs, route: str, linearise: bool = False):
+    """hess_diag of the actor's parameters for the actor loss on ``obs`` with fixed noise."""
+    update = model._updates["actor"]
+    th.manual_seed(123)
+    with update.capture() as cap:
+        actions_pi, log_prob, mean, log_std_raw, u = model._actor_forward(obs)
+    q = th.cat(model.critic(obs, actions_pi), dim=1)
+    min_q, _ = th.min(q, dim=1, keepdim=True)
+    if linearise:  # Q(ã) ≈ Q(ã₀) + g·(ã − ã₀): no action curvature of the critic
+        (g,) = th.autograd.grad(min_q.sum(), actions_pi, retain_graph=True)
+        min_q = (g.detach() * actions_pi).sum(1, keepdim=True)
+    loss = (model.ent_coef_tensor * log_prob.reshape(-1, 1) - min_q).mean()
+    hessians = None
+    if route == "gn":
+        q_true = th.min(th.cat(model.critic(obs, actions_pi), dim=1), dim=1, keepdim=True)[0]
+        hessians = model._actor_gn_output_hessians(mean, log_std_raw, u, actions_pi, q_true, model.ent_coef_tensor)
+    for p in model.actor.parameters():
+        p.grad = None
+    cap.backward(loss, output_hessians=hessians)
+    return {n: p.hess_diag.clone() for n, p in model.actor.named_parameters()}
+
+
+def _rel(a, b):
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in b)
+
+
+def test_sac_gn_equals_exact_for_relu_critics():
+    model = _sac(th.nn.ReLU)
+    obs = model.replay_buffer.sample(N).observations
+    gn, exact = _actor_hess(model, obs, "gn"), _actor_hess(model, obs, "exact")
+    assert _rel(gn, exact) < 1e-4
+    assert all(float(h.abs().max()) > 0 for h in exact.values())
+
+
+def test_sac_gn_is_the_linearised_critic_for_tanh_critics():
+    model = _sac(th.nn.Tanh)
+    obs = model.replay_buffer.sample(N).observations
+    gn = _actor_hess(model, obs, "gn")
+    linearised = _actor_hess(model, obs, "exact", linearise=True)
+    exact = _actor_hess(model, obs, "exact")
+    assert _rel(gn, linearised) < 1e-4
+    assert _rel(gn, exact) > 1e-3  # the critic's action curvature is what "gn" drops
+
+
+def test_sac_exact_route_trains():
+    model = agents.SAC("MlpPolicy", "Pendulum-v1", optimizer={"name": "adahesscale", "actor_curvature": "exact"},
+                       learning_starts=32, batch_size=32, seed=0, device="cpu", policy_kwargs=dict(NET))
+    model.learn(48)
+    assert model.divergence is None
+    assert all(hasattr(p, "hess_diag") or p.grad is None for p in model.actor.parameters())
+
+
+@pytest.mark.parametrize("algo", ["ppo", "a2c"])
+def test_closed_form_head_hessians_equal_the_cores_autograd_route(algo):
+    """The closed forms for the Gaussian heads (mean, value, log_std) equal the core's exact
+    per-sample autograd route, with PPO's ratio clipping and value clipping active."""
+    records = {}
+    for closed in (True, False):
+        if algo == "ppo":
+            model = agents.PPO("MlpPolicy", "Pendulum-v1", optimizer={"name": "adahesscale", "kwargs": {"eps": 1e-5}},
+                               n_steps=N, batch_size=N // 2, n_epochs=4, clip_range=0.01, clip_range_vf=0.002,
+                               ent_coef=0.01, seed=1, device="cpu", policy_kwargs=dict(NET))
+        else:
+            model = agents.A2C("MlpPolicy", "Pendulum-v1", optimizer={"name": "adahesscale", "kwargs": {"eps": 1e-5}},
+                               n_steps=16, ent_coef=0.01, normalize_advantage=True, seed=1, device="cpu",
+                               policy_kwargs=dict(NET))
+        model._closed_form_heads = closed
+        model._setup_model()
+        assert model._gaussian_heads is closed
+        records[closed] = []
+        _snapshot_step(model.policy.optimizer, records[closed])
+        model.learn(2 * model.n_steps)
+        if algo == "ppo":
+            assert model.logger.name_to_value["train/clip_fraction"] > 0
+    assert len(records[True]) == len(records[False]) >= 2
+    for a, b in zip(records[True], records[False]):  # the runs agree to float rounding throughout
+        for h1, h2 in zip(a["hess"], b["hess"]):
+            assert float((h1 - h2).abs().max() / h2.abs().max().clamp_min(1e-8)) < 1e-4
+
+
+def test_curvature_method_choice_reaches_the_sweep():
+    """``curvature`` selects the sweep: HesScaleGN drops σ''·g in the tanh trunk only, so the
+    heads' curvature (exact output Hessians) agrees and the trunk's differs."""
+    snaps = {}
+    for method in ("hesscale", "hesscale_gn", "bl89"):
+        model, snaps[method] = _one_update("ppo", {"name": "adahesscale", "curvature": method})
+        assert model._updates["policy"]._capture.method == method
+    names = [n for n, _ in model.policy.named_parameters()]
+    order = {id(p): i for i, p in enumerate(p for g in model.policy.optimizer.param_groups for p in g["params"])}
+    index = {n: order[id(p)] for n, p in model.policy.named_parameters()}
+    for name in names:
+        h, gn, bl = (snaps[m]["hess"][index[name]] for m in ("hesscale", "hesscale_gn", "bl89"))
+        assert th.equal(h, bl)  # BL89 = HesScale unless the output is a softmax cross-entropy
+        if name.startswith(("action_net", "value_net", "log_std")):
+            assert th.allclose(h, gn, rtol=1e-6, atol=0), name
+        else:  # every trunk layer sits below a tanh whose σ''·g term GN drops
+            assert not th.allclose(h, gn, rtol=1e-3, atol=0), name
