@@ -167,6 +167,7 @@ def plot(rows, path: Path) -> None:
                     ax.plot(*zip(*pts), marker="o", label=m)
             ax.axhline(10 / 6, color="k", ls=":", lw=0.8)
             ax.set_xscale("log")
+            ax.set_yscale("log")
             ax.set_xlabel("parameters")
             ax.set_ylabel("step time / Adam step")
             ax.set_title(f"batch {b}, {sweep} sweep")
