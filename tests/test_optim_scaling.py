@@ -8,33 +8,15 @@ import torch
 from stable_baselines3.common.utils import update_learning_rate
 
 from hesscale.optim import AdaHesScale, MissingCurvatureError, StepSizeScaling
-from hesscale.optim import _common
+
+from optim_helpers import both_paths, draw  # noqa: F401  (both_paths is a fixture)
+from optim_helpers import make_params as _make_params
 
 SHAPES = [(3, 4), (4,), (2, 3), (3,)]
 
 
 def make_params(shapes=SHAPES, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype)) for s in shapes]
-
-
-def draw(params, gen, hess_scale=1.0):
-    gs, hs = [], []
-    for p in params:
-        g = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-        h = hess_scale * torch.randn(p.shape, generator=gen, dtype=p.dtype)
-        p.grad, p.hess_diag = g.clone(), h.clone()
-        gs.append(g)
-        hs.append(h)
-    return gs, hs
-
-
-@pytest.fixture(params=["flat", "per-tensor"])
-def both_paths(request, monkeypatch):
-    """Run a test through the flat-buffer path (small nets) and the per-tensor path (large nets)."""
-    if request.param == "per-tensor":
-        monkeypatch.setattr(_common, "FLAT_LIMIT", 0)
-    return request.param
+    return _make_params(shapes, seed, dtype)
 
 
 class RefAdam:

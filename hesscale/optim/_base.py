@@ -29,6 +29,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     skipped_steps: int
     last_skipped_groups: set[int]
     keep_curvature_scale: bool
+    #: state key of the second moment ``v`` (AdaHessian keeps its historical name)
+    second_moment_key: str = "exp_avg_sq"
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         self.skipped_steps = 0
@@ -68,6 +70,21 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _keep_roots(self, group_index: int, roots: list[Tensor]) -> None:
         self._roots[group_index] = roots
+
+    def _state_lists(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[int]]:
+        """``m``, ``v`` and the incremented step count of each param (created on first use)."""
+        exp_avgs, second_moments, steps = [], [], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state[self.second_moment_key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            exp_avgs.append(state["exp_avg"])
+            second_moments.append(state[self.second_moment_key])
+            steps.append(state["step"])
+        return exp_avgs, second_moments, steps
 
     # -- torch.optim.Optimizer overrides ------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:

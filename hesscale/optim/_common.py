@@ -175,3 +175,19 @@ def sqrt_into(out: list[Tensor], src: list[Tensor]) -> list[Tensor]:
         torch._foreach_copy_(out, src)
         torch._foreach_sqrt_(out)
     return out
+
+
+def update_moments(
+    params: list[Tensor], grads: list[Tensor], hess: list[Tensor], exp_avgs: list[Tensor],
+    second_moments: list[Tensor], lr: float, weight_decay: float, beta1: float, beta2: float,
+    squared: bool = True,
+) -> None:
+    """``θ ← θ·(1 − lr·wd)``, ``m ← β1·m + (1−β1)·g``, ``v ← β2·v + (1−β2)·(ĥ² or |ĥ|)`` (foreach)."""
+    if weight_decay != 0.0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(second_moments, beta2)
+    if squared:
+        torch._foreach_addcmul_(second_moments, hess, hess, value=1.0 - beta2)
+    else:
+        torch._foreach_add_(second_moments, torch._foreach_abs(hess), alpha=1.0 - beta2)

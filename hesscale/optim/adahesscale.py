@@ -11,7 +11,15 @@ from torch import Tensor
 
 from . import _common
 from ._base import CurvatureOptimizer
-from ._common import all_finite, check_betas, check_nonnegative, check_positive, read_hess_diag, sqrt_into
+from ._common import (
+    all_finite,
+    check_betas,
+    check_nonnegative,
+    check_positive,
+    read_hess_diag,
+    sqrt_into,
+    update_moments,
+)
 from ._flat import FlatState
 
 __all__ = ["AdaHesScale"]
@@ -167,20 +175,6 @@ class AdaHesScale(CurvatureOptimizer):
         self._flat_cache[gi] = flat
         return flat
 
-    def _state_lists(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[int]]:
-        exp_avgs, exp_avg_sqs, steps = [], [], []
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-        return exp_avgs, exp_avg_sqs, steps
-
 
 def _update(
     params: list[Tensor],
@@ -200,14 +194,7 @@ def _update(
     )
     for (p, g, h, m, v), indices in grouped.values():
         t = [steps[i] for i in indices]
-        if weight_decay != 0.0:
-            torch._foreach_mul_(p, 1.0 - lr * weight_decay)
-        torch._foreach_lerp_(m, g, 1.0 - beta1)
-        torch._foreach_mul_(v, beta2)
-        if variant == "adam":
-            torch._foreach_addcmul_(v, h, h, value=1.0 - beta2)
-        else:
-            torch._foreach_add_(v, torch._foreach_abs(h), alpha=1.0 - beta2)
+        update_moments(p, g, h, m, v, lr, weight_decay, beta1, beta2, squared=variant == "adam")
 
         # lr·(m/bc1) / (sqrt(v)/sqrt(bc2) + eps) = (lr·sqrt(bc2)/bc1)·m / (sqrt(v) + eps·sqrt(bc2)):
         # the same step with one pass less (newton: bc2 in place of sqrt(bc2), v in place of sqrt(v)).

@@ -11,7 +11,15 @@ import torch
 from torch import Tensor
 
 from ._base import CurvatureOptimizer
-from ._common import all_finite, check_betas, check_nonnegative, check_positive, param_label, sqrt_into
+from ._common import (
+    all_finite,
+    check_betas,
+    check_nonnegative,
+    check_positive,
+    param_label,
+    sqrt_into,
+    update_moments,
+)
 
 __all__ = ["AdaHessian"]
 
@@ -44,6 +52,8 @@ class AdaHessian(CurvatureOptimizer):
         hessian_power: k in [0, 1].
         generator: a ``torch.Generator`` for z (reproducible runs); the global RNG if None.
     """
+
+    second_moment_key = "exp_hessian_diag_sq"
 
     def __init__(
         self,
@@ -149,20 +159,6 @@ class AdaHessian(CurvatureOptimizer):
         for p, z, hz in zip(params, zs, hzs):
             p.hess_diag = torch.zeros_like(p) if hz is None else (z * hz.detach()).abs_()
 
-    def _state_lists(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[int]]:
-        exp_avgs, exp_sqs, steps = [], [], []
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_hessian_diag_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
-            exp_avgs.append(state["exp_avg"])
-            exp_sqs.append(state["exp_hessian_diag_sq"])
-            steps.append(state["step"])
-        return exp_avgs, exp_sqs, steps
-
 
 def _update(
     params: list[Tensor],
@@ -182,11 +178,7 @@ def _update(
     )
     for (p, g, d, m, v), indices in grouped.values():
         t = [steps[i] for i in indices]
-        if weight_decay != 0.0:
-            torch._foreach_mul_(p, 1.0 - lr * weight_decay)
-        torch._foreach_lerp_(m, g, 1.0 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, d, d, value=1.0 - beta2)
+        update_moments(p, g, d, m, v, lr, weight_decay, beta1, beta2)
         sqrt_bc2 = [math.sqrt(1.0 - beta2**ti) for ti in t]
         if roots is None:
             denom = torch._foreach_sqrt(v)
