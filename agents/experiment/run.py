@@ -2,8 +2,11 @@
 
 A run directory holds ``config.yaml`` (resolved), ``.hydra/`` (Hydra's own record), ``tb/``
 (TensorBoard events and ``progress.csv``), ``evaluations.npz``, ``model.zip``,
-``vecnormalize.pkl`` and ``result.json``. The task function returns normally when a run fails
-or diverges (the status is in ``result.json``), so one bad job never stops a sweep.
+``vecnormalize.pkl`` and ``result.json``, and while the run is unfinished ``checkpoints/``
+(see :mod:`agents.experiment.checkpoint`). The task function returns normally when a run fails
+or diverges (the status is in ``result.json``), so one bad job never stops a sweep. A run that
+was killed, preempted or failed resumes from its latest checkpoint when the same command is run
+again.
 """
 
 from __future__ import annotations
@@ -75,9 +78,16 @@ def build_model(c: Mapping[str, Any], env, run_dir: Path | None = None):
     if isinstance(kwargs.get("train_freq"), list):
         kwargs["train_freq"] = tuple(kwargs["train_freq"])
     cls = agent_class(a["cls"])
-    return cls(a["policy"], env, optimizer=optimizer_spec(c), learning_rate=float(c["opt"]["lr"]),
-               seed=c["seed"], device=c["device"], verbose=c.get("verbose", 0),
-               policy_kwargs=policy_kwargs(c), **kwargs)
+    import hesscale
+
+    try:
+        return cls(a["policy"], env, optimizer=optimizer_spec(c), learning_rate=float(c["opt"]["lr"]),
+                   seed=c["seed"], device=c["device"], verbose=c.get("verbose", 0),
+                   policy_kwargs=policy_kwargs(c), **kwargs)
+    except hesscale.UnsupportedModuleError as e:  # raised while building, before any training
+        raise ConfigError(f"opt={c['opt']['name']} (curvature={c['opt'].get('curvature')}) cannot use this "
+                          f"policy: {e} Use a supported module (agent.policy_kwargs) or a first-order "
+                          "optimizer without scaling.") from None
 
 
 def _eval_callback(c: Mapping[str, Any], eval_env, run_dir: Path):
@@ -141,7 +151,9 @@ def train(cfg: Any, run_dir: Path, override_dirname: str = "", progress_bar: boo
     during training ends the run with status ``failed``; a divergence reported by the agent ends
     it with ``diverged``; both return normally. A run whose ``result.json`` already says
     ``finished`` or ``diverged`` is skipped (``rerun=true`` trains it again); a run directory
-    locked by another process is left alone (status ``locked``, nothing written).
+    locked by another process is left alone (status ``locked``, nothing written). Any other run
+    with a complete checkpoint of the same configuration resumes from it (``checkpoint.resume``);
+    a preemption signal ends it with ``preempted`` in the result (status stays ``running``).
     """
     c = validate(cfg)
     run_dir = Path(run_dir)
@@ -155,9 +167,12 @@ def train(cfg: Any, run_dir: Path, override_dirname: str = "", progress_bar: boo
                 "error": "another process holds this run directory's lock"}
     import torch
 
+    from agents.experiment.checkpoint import PreemptionGuard
+
     threads = torch.get_num_threads()
     try:
-        return _train_locked(c, run_dir, override_dirname, progress_bar)
+        with PreemptionGuard():  # SIGTERM/SIGUSR1 from here on: checkpoint at the next boundary, stop
+            return _train_locked(c, run_dir, override_dirname, progress_bar)
     finally:
         lock.close()
         torch.set_num_threads(threads)
@@ -195,37 +210,76 @@ def _clear_outputs(run_dir: Path) -> None:
 def _train_locked(c: dict, run_dir: Path, override_dirname: str, progress_bar: bool | None) -> dict:
     import torch
     from omegaconf import OmegaConf
-    from stable_baselines3.common.logger import configure
+
+    from agents.experiment import checkpoint as ck
 
     torch.set_num_threads(c["threads"])
-    _clear_outputs(run_dir)  # a fresh start (a run that was killed, failed, or rerun=true)
+    ckc = c["checkpoint"]
+    store = ck.CheckpointStore(run_dir, keep=ckc["keep"])
+    folder, state = _resume_point(c, run_dir, store)
+    if state is None:
+        _clear_outputs(run_dir)  # a fresh start (nothing to resume, rerun=true, checkpoint.resume=false)
+        store.clear()
+    else:
+        store.cleanup_tmp()
+        (run_dir / "error.txt").unlink(missing_ok=True)  # from a failed session being resumed
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(c)))
 
+    prev = (read_result(run_dir) or {}) if state is not None else {}
     result: dict[str, Any] = {
         "status": "running", "run_dir": str(run_dir), **labels(c, override_dirname),
-        "total_timesteps": c["total_timesteps"], "started_at": now_iso(),
+        "total_timesteps": c["total_timesteps"], "started_at": prev.get("started_at") or now_iso(),
         "provenance": provenance(c["threads"]),
     }
+    if state is not None:
+        result["resumed_from"] = [*(prev.get("resumed_from") or []), int(state["step"])]
     env = eval_env = model = None
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - (float(state.get("wall_time_s", 0.0)) if state else 0.0)
     try:
         from agents.experiment.envs import make_eval_env
 
         env = make_train_env_checked(c)
         eval_env = make_eval_env(c)
-        model = build_model(c, env, run_dir)
+        if state is None:
+            model = build_model(c, env, run_dir)
+            logger = ck.make_logger(run_dir / "tb", stdout=bool(c.get("verbose", 0)))
+        else:
+            exact = ck.restore_vec_env(env, state["train_env"])
+            if state.get("eval_env"):
+                ck.restore_vec_env(eval_env, state["eval_env"])
+            model = _load_model(c, folder, env)
+            model._last_obs, last_original, model._last_episode_starts = state["last_obs"]
+            if last_original is not None:
+                model._last_original_obs = last_original
+            if not exact:
+                model._last_obs = None  # SB3 resets the env: the episode in progress is cut
+            logger = ck.make_logger(run_dir / "tb", purge_step=int(state["step"]) + 1,
+                                    csv_rows=state["logger"]["csv_rows"], stdout=bool(c.get("verbose", 0)))
+            print(f"[resume] {run_dir}: resuming from the checkpoint at step {state['step']} "
+                  f"of {c['total_timesteps']}" + ("" if exact else " (env state not captured: its episode "
+                                                  "restarts)"), flush=True)
         write_json(run_dir / RESULT_FILE, result)
-        fmts = ["tensorboard", "csv"] + (["stdout"] if c.get("verbose", 0) else [])
-        model.set_logger(configure(str(run_dir / "tb"), fmts))
+        model.set_logger(logger)
+        eval_cb = _eval_callback(c, eval_env, run_dir)
+        if state is not None:
+            ck.restore_eval(eval_cb, state.get("eval"), run_dir)
+        resume_cb = ck.ResumeCallback(
+            store, run_dir, ckc["freq"], eval_callback=eval_cb, eval_env=eval_env,
+            resume_state=state,
+            extra=lambda: {"identity": ck.identity(c), "wall_time_s": time.perf_counter() - t0})
         show = c["progress_bar"] if progress_bar is None else progress_bar
-        model.learn(c["total_timesteps"],
-                    callback=[_instability_callback(), _eval_callback(c, eval_env, run_dir)],
-                    progress_bar=bool(show))
+        done = int(model.num_timesteps) if state is not None else 0
+        model.learn(max(c["total_timesteps"] - done, 0),
+                    callback=[resume_cb, _instability_callback(), eval_cb],
+                    progress_bar=bool(show), reset_num_timesteps=state is None)
         div = getattr(model, "divergence", None)
         result["status"] = "diverged" if div else "finished"
         result["divergence"] = div
     except ConfigError:
         raise
+    except ck.Preempted as p:
+        result["preempted"] = {"step": p.step, "signal": p.__str__().split()[0], "signum": p.signum,
+                               "checkpoint": str(store.latest())}
     except Exception as e:  # noqa: BLE001 - a failed run must not stop the sweep
         div = getattr(model, "divergence", None) if model is not None else None
         result["status"] = "diverged" if div else "failed"
@@ -234,10 +288,12 @@ def _train_locked(c: dict, run_dir: Path, override_dirname: str, progress_bar: b
         (run_dir / "error.txt").write_text(traceback.format_exc())
     wall = time.perf_counter() - t0
     steps = int(getattr(model, "num_timesteps", 0) or 0) if model is not None else 0
+    if "preempted" in result:
+        steps = int(result["preempted"]["step"])
     result.update({"timesteps": steps, "wall_time_s": round(wall, 3),
                    "env_steps_per_s": round(steps / wall, 2) if wall > 0 else None,
                    "finished_at": now_iso(), **eval_summary(run_dir)})
-    if model is not None and c.get("save_model", True):
+    if model is not None and c.get("save_model", True) and "preempted" not in result:
         try:
             model.save(str(run_dir / "model.zip"))
             if env is not None and hasattr(env, "save") and c["env"]["normalize"]:
@@ -251,7 +307,43 @@ def _train_locked(c: dict, run_dir: Path, override_dirname: str, progress_bar: b
         except Exception:  # noqa: BLE001
             pass
     write_json(run_dir / RESULT_FILE, result)
+    if result["status"] in DONE and not ckc["keep_when_done"]:
+        store.clear()
     return result
+
+
+def _resume_point(c: dict, run_dir: Path, store) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from and its state, or (None, None) for a fresh start."""
+    from agents.experiment import checkpoint as ck
+
+    prev = read_result(run_dir)
+    if not c["checkpoint"]["resume"] or (prev and prev.get("status") in DONE):
+        return None, None  # rerun=true of a finished run, or resuming switched off
+    folder = store.latest()
+    if folder is None:
+        return None, None
+    try:
+        state = ck.load_state(folder)
+    except Exception as e:  # noqa: BLE001 - an unreadable checkpoint: start again
+        print(f"[resume] {run_dir}: checkpoint {folder.name} unreadable ({type(e).__name__}: {e}); "
+              "starting from scratch", file=sys.stderr, flush=True)
+        return None, None
+    if state.get("identity") != ck.identity(c):
+        print(f"[resume] {run_dir}: the checkpoint was written with a different configuration; "
+              "starting from scratch", file=sys.stderr, flush=True)
+        return None, None
+    return folder, state
+
+
+def _load_model(c: Mapping[str, Any], folder: Path, env):
+    """SB3's ``load()`` of a checkpoint (it reseeds; the callback restores the RNG states later)."""
+    from agents.experiment import checkpoint as ck
+
+    cls = agent_class(c["agent"]["cls"])
+    model = cls.load(str(folder / ck.MODEL_FILE), env=env, device=c["device"], force_reset=False)
+    if (folder / ck.BUFFER_FILE).is_file() and hasattr(model, "load_replay_buffer"):
+        model.load_replay_buffer(str(folder / ck.BUFFER_FILE))
+    return model
 
 
 def make_train_env_checked(c: Mapping[str, Any]):
@@ -271,7 +363,9 @@ def main_task(cfg: Any) -> dict:
     """Entry point for ``scripts/train.py`` (inside ``@hydra.main``).
 
     Single run: a config error prints one message and exits with code 2, a failed run exits 1,
-    a diverged run exits 0. Multirun: always returns (the status is in result.json).
+    a diverged run exits 0, a preempted run (SIGTERM / SIGUSR1 / submitit's signal) checkpoints
+    and exits with 128 + the signal number. Multirun: always returns (the status is in
+    result.json; a preempted run stays ``running`` and resumes when the sweep is run again).
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -293,6 +387,16 @@ def main_task(cfg: Any) -> dict:
             write_json(run_dir / RESULT_FILE, {**prev, **result, "finished_at": now_iso()})
         if not multirun:
             raise SystemExit(2) from None
+        return result
+    if result.get("preempted"):
+        p = result["preempted"]
+        print(f"[preempted] {name}: {p['signal']} -> checkpoint at step {p['step']}; the same command "
+              f"resumes it -> {run_dir}", flush=True)
+        from agents.experiment.checkpoint import chain_previous_handler
+
+        chain_previous_handler(p["signum"])  # submitit: requeue the job (and exit)
+        if not multirun:
+            raise SystemExit(128 + int(p["signum"]))
         return result
     if result.get("skipped"):
         why = "locked by another process" if result["status"] == "locked" else \

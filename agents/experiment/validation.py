@@ -28,6 +28,10 @@ ACTIVATIONS = {
 }
 
 
+# configs/config.yaml's `checkpoint` section (used when a composed config has none)
+CHECKPOINT_DEFAULTS = {"freq": 25000, "keep": 1, "resume": True, "keep_when_done": False}
+
+
 class ConfigError(ValueError):
     """A user error in the configuration (bad value, unknown key, incompatible choice)."""
 
@@ -139,6 +143,15 @@ def validate(cfg: Any) -> dict:
     ck.boolean(c, "eval.deterministic")
     ck.int_range(c, "threads", lo=1)
     ck.boolean(c, "progress_bar")
+    if "checkpoint" not in c:  # a config composed before checkpoints existed: their defaults
+        c["checkpoint"] = dict(CHECKPOINT_DEFAULTS)
+    if not isinstance(c.get("checkpoint"), Mapping):
+        ck.fail("checkpoint", c.get("checkpoint"), "expected a mapping {freq, keep, resume, keep_when_done}")
+    else:
+        ck.int_range(c, "checkpoint.freq", lo=0)
+        ck.int_range(c, "checkpoint.keep", lo=1)
+        ck.boolean(c, "checkpoint.resume")
+        ck.boolean(c, "checkpoint.keep_when_done")
     dev = _get(c, "device")
     if not (isinstance(dev, str) and re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", dev)):
         ck.fail("device", dev, "expected cpu, auto, cuda, cuda:N or mps")
