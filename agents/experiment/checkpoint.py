@@ -137,16 +137,16 @@ class CheckpointStore:
         write(tmp)
         files = {}
         for f in sorted(tmp.iterdir()):
-            _fsync_file(f)
+            _fsync(f)
             files[f.name] = f.stat().st_size
         manifest = {"format": FORMAT_VERSION, "step": int(step), "files": files, "written_at": time.time()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync_file(tmp / MANIFEST)
-        _fsync_dir(tmp)
+        _fsync(tmp / MANIFEST)
+        _fsync(tmp)
         if final.exists():  # an incomplete leftover with the same name
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(self.root)
+        _fsync(self.root)
         self._point(final.name)
         self._prune(final)
         return final
@@ -158,7 +158,7 @@ class CheckpointStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.root / LATEST)
-        _fsync_dir(self.root)
+        _fsync(self.root)
 
     def _prune(self, current: Path) -> None:
         old = [d for d in sorted(self.root.glob("step_*"), key=lambda d: d.name) if d != current]
@@ -166,7 +166,8 @@ class CheckpointStore:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _fsync_file(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's entry to disk (best effort: not every file system supports it)."""
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -174,17 +175,6 @@ def _fsync_file(path: Path) -> None:
         finally:
             os.close(fd)
     except OSError:
-        pass
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # not supported everywhere (e.g. some network file systems)
         pass
 
 

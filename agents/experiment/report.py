@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from .results import read_evaluations
+
 CELL = ["env", "agent", "opt", "lr", "variant"]
 TB_TAGS = ("eval/mean_reward", "rollout/ep_rew_mean")
 
@@ -54,15 +56,11 @@ def find_runs(root: Path) -> list[dict]:
 
 
 def _curve_eval(run_dir: Path):
-    p = run_dir / "evaluations.npz"
-    if not p.is_file():
+    evaluations = read_evaluations(run_dir)
+    if evaluations is None:
         return None
-    with np.load(p) as d:
-        steps = np.asarray(d["timesteps"], dtype=float)
-        res = np.asarray(d["results"], dtype=float)
-    if res.size == 0:
-        return None
-    return steps, res.mean(axis=1)
+    steps, results = evaluations
+    return steps, results.mean(axis=1)
 
 
 def _curve_tb(run_dir: Path):

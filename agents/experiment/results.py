@@ -96,22 +96,29 @@ def provenance(threads: int) -> dict:
     }
 
 
+def read_evaluations(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(timesteps, returns[n_evals, n_episodes])`` from the run's ``evaluations.npz``, or None."""
+    p = Path(run_dir) / "evaluations.npz"
+    if not p.is_file():
+        return None
+    with np.load(p) as d:
+        steps = np.asarray(d["timesteps"], dtype=float)
+        results = np.asarray(d["results"], dtype=float)
+    return None if results.size == 0 else (steps, results)
+
+
 def eval_summary(run_dir: Path) -> dict:
     """Final and area-under-curve evaluation return from ``evaluations.npz``.
 
     ``auc_return`` is the trapezoidal area under the mean-evaluation-return curve divided by the
     step span (the return averaged over the run); with a single evaluation it is that return.
     """
-    p = Path(run_dir) / "evaluations.npz"
     out: dict[str, Any] = {"final_return": None, "final_return_std": None, "auc_return": None,
                            "n_evaluations": 0}
-    if not p.is_file():
+    evaluations = read_evaluations(run_dir)
+    if evaluations is None:
         return out
-    with np.load(p) as d:
-        steps = np.asarray(d["timesteps"], dtype=float)
-        results = np.asarray(d["results"], dtype=float)
-    if results.size == 0:
-        return out
+    steps, results = evaluations
     means = results.mean(axis=1)
     out["final_return"] = _finite(means[-1])
     out["final_return_std"] = _finite(results[-1].std())
