@@ -9,7 +9,7 @@ import torch
 
 from hesscale.optim import AdaHesScale, MissingCurvatureError
 
-from optim_helpers import both_paths, draw  # noqa: F401  (both_paths is a fixture)
+from optim_helpers import assert_rewound_optimizer_continues_identically, both_paths, draw  # noqa: F401
 from optim_helpers import make_params as _make_params
 
 SHAPES = [(3, 4), (4,), (2, 3)]
@@ -268,29 +268,4 @@ def test_loading_a_checkpoint_into_a_used_optimizer_rewinds_it():
     params = make_params(dtype=torch.float32)
     opt = AdaHesScale(params, lr=0.1)
     gen = torch.Generator().manual_seed(6)
-    for _ in range(2):
-        draw(params, gen)
-        opt.step()
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    saved = [p.detach().clone() for p in params]
-    for _ in range(2):  # move on, then rewind
-        draw(params, gen)
-        opt.step()
-    buf.seek(0)
-    opt.load_state_dict(torch.load(buf, weights_only=True))
-    fresh = [torch.nn.Parameter(s.clone()) for s in saved]
-    buf.seek(0)
-    opt_fresh = AdaHesScale(fresh, lr=0.1)
-    opt_fresh.load_state_dict(torch.load(buf, weights_only=True))
-    with torch.no_grad():
-        for p, s in zip(params, saved):
-            p.copy_(s)
-    for _ in range(2):
-        gs, hs = draw(params, gen)
-        for q, g, h in zip(fresh, gs, hs):
-            q.grad, q.hess_diag = g.clone(), h.clone()
-        opt.step()
-        opt_fresh.step()
-        for p, q in zip(params, fresh):
-            assert torch.equal(p.detach(), q.detach())
+    assert_rewound_optimizer_continues_identically(opt, params, lambda ps: AdaHesScale(ps, lr=0.1), gen)
