@@ -28,7 +28,6 @@ Two paths follow from it:
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Iterable
 
 import torch as th
@@ -203,16 +202,3 @@ def build_optimizer(config: dict, groups: list[dict], lr: float, algo: str, rms_
     s = config["scaling"]
     return hoptim.StepSizeScaling(base, delta=s["delta"], max_scale=s["max_scale"], beta=s["beta"])
 
-
-def describe(config: dict) -> str:
-    """A short human-readable label, e.g. ``scaled adahesscale(hesscale)``."""
-    label = config["name"]
-    if config["name"] == "adahesscale" or (config["scaling"]["enabled"] and config["name"] in FIRST_ORDER):
-        label += f"({config['curvature']})"
-    if config["scaling"]["enabled"]:
-        label = "scaled " + label
-    return label
-
-
-def copy_config(config: dict) -> dict:
-    return copy.deepcopy(config)

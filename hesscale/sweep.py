@@ -296,6 +296,12 @@ class capture:
                     d_acc[call.producer] = d_in if prev is None else prev + d_in
         return hess
 
+    def outputs(self, module: nn.Module) -> list[Tensor]:
+        """The outputs of ``module``'s calls recorded so far, in call order, as the forward code
+        received them (valid keys of :meth:`backward`'s ``output_hessians``); read them before
+        :meth:`backward`, which clears the record."""
+        return [call.alias for call in self._calls if call.module is module]
+
     def is_captured_output(self, tensor: Tensor) -> bool:
         """Whether ``tensor`` is an output of a captured module, as the forward code received it."""
         return id(tensor) in self._alias_index
