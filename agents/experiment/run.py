@@ -85,9 +85,16 @@ def build_model(c: Mapping[str, Any], env, run_dir: Path | None = None):
                    seed=c["seed"], device=c["device"], verbose=c.get("verbose", 0),
                    policy_kwargs=policy_kwargs(c), **kwargs)
     except hesscale.UnsupportedModuleError as e:  # raised while building, before any training
-        raise ConfigError(f"opt={c['opt']['name']} (curvature={c['opt'].get('curvature')}) cannot use this "
-                          f"policy: {e} Use a supported module (agent.policy_kwargs) or a first-order "
-                          "optimizer without scaling.") from None
+        raise unsupported_module_error(c, e) from None
+
+
+def unsupported_module_error(c: Mapping[str, Any], e) -> ConfigError:
+    """The CLI's one-line message for a policy module without a HesScale rule."""
+    return ConfigError(
+        f"opt={c['opt']['name']} (curvature={c['opt'].get('curvature')}) cannot train this policy: "
+        + str(e.with_way_out("Use supported modules (agent.policy_kwargs) or a first-order optimizer "
+                             "without scaling (opt=adam)."))
+    )
 
 
 def _eval_callback(c: Mapping[str, Any], eval_env, run_dir: Path):
@@ -341,6 +348,12 @@ def _load_model(c: Mapping[str, Any], folder: Path, env):
 
     cls = agent_class(c["agent"]["cls"])
     model = cls.load(str(folder / ck.MODEL_FILE), env=env, device=c["device"], force_reset=False)
+    import hesscale
+
+    try:  # load() never checks (a saved model always acts); resuming trains it
+        model.check_curvature_modules()
+    except hesscale.UnsupportedModuleError as e:
+        raise unsupported_module_error(c, e) from None
     if (folder / ck.BUFFER_FILE).is_file() and hasattr(model, "load_replay_buffer"):
         model.load_replay_buffer(str(folder / ck.BUFFER_FILE))
     return model
