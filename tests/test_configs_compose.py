@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from agents.experiment.run import build_model, optimizer_spec
+from agents.experiment.build import build_model, optimizer_spec
 from agents.experiment.validation import ConfigError, validate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -60,12 +60,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from agents.experiment.build import BUFFER_FILE, MODEL_FILE
+
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
 MANIFEST = "MANIFEST.json"
 STATE_FILE = "state.pkl"
-MODEL_FILE = "model.zip"
-BUFFER_FILE = "replay_buffer.pkl"
 FORMAT_VERSION = 1
 # keys that may differ between the session that wrote a checkpoint and the one resuming it
 VOLATILE_KEYS = ("progress_bar", "verbose", "rerun", "threads", "checkpoint", "save_model", "device",

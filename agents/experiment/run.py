@@ -17,77 +17,11 @@ import traceback
 from pathlib import Path
 from typing import Any, Mapping
 
+from agents.experiment.build import build_model, load_model
+from agents.experiment.errors import ConfigError
 from agents.experiment.results import (RESULT_FILE, eval_summary, now_iso, provenance,
                                        read_result, write_json)
-from agents.experiment.validation import ACTIVATIONS, ConfigError, check_action_space, validate
-
-# SB3's own optimizer for each agent: opt configs equal to these map to ``optimizer=None``.
-_SB3_DEFAULT_OPT = {
-    "PPO": ("adam", {}),
-    "SAC": ("adam", {}),
-    "A2C": ("rmsprop", {"alpha": 0.99, "eps": 1e-5}),
-}
-
-
-def optimizer_spec(c: Mapping[str, Any]) -> dict | None:
-    """The agents' ``optimizer`` dict for a resolved config, or None for SB3's own optimizer.
-
-    ``opt=adam`` (PPO, SAC) and ``opt=rmsprop`` (A2C) with no overrides give None, so those runs
-    are exactly upstream SB3. ``opt=adam`` with A2C gives Adam the way SB3 builds it for A2C with
-    ``optimizer_class=Adam`` (eps=1e-5 from ActorCriticPolicy); the agents merge ``kwargs`` over
-    SB3's defaults for the algorithm.
-    """
-    opt, cls = c["opt"], c["agent"]["cls"]
-    name = opt["optimizer"]
-    kwargs = dict(opt.get("kwargs") or {})
-    scaling = dict(opt["scaling"])
-    default_name, default_kwargs = _SB3_DEFAULT_OPT[cls]
-    if (name == default_name and not scaling["enabled"] and opt.get("max_grad_norm") is None
-            and kwargs in ({}, default_kwargs)):
-        return None
-    spec: dict[str, Any] = {"name": name, "kwargs": kwargs, "scaling": scaling,
-                            "max_grad_norm": opt.get("max_grad_norm")}
-    if opt.get("curvature") is not None:
-        spec["curvature"] = opt["curvature"]
-    if cls == "SAC" and opt.get("actor_curvature") is not None:
-        spec["actor_curvature"] = opt["actor_curvature"]
-    return spec
-
-
-def policy_kwargs(c: Mapping[str, Any]) -> dict:
-    """SB3 ``policy_kwargs`` from the config (activation names mapped to torch.nn classes)."""
-    import torch.nn as nn
-
-    pk = dict(c["agent"].get("policy_kwargs") or {})
-    act = pk.get("activation_fn")
-    if isinstance(act, str):
-        pk["activation_fn"] = getattr(nn, ACTIVATIONS[act.lower()])
-    return pk
-
-
-def agent_class(name: str):
-    import agents
-
-    return getattr(agents, name)
-
-
-def build_model(c: Mapping[str, Any], env, run_dir: Path | None = None):
-    """Instantiate the agent (``agents.PPO`` / ``A2C`` / ``SAC``) for a resolved config."""
-    a = c["agent"]
-    kwargs = dict(a.get("kwargs") or {})
-    if isinstance(kwargs.get("train_freq"), list):
-        kwargs["train_freq"] = tuple(kwargs["train_freq"])
-    cls = agent_class(a["cls"])
-    import hesscale
-
-    try:
-        return cls(a["policy"], env, optimizer=optimizer_spec(c), learning_rate=float(c["opt"]["lr"]),
-                   seed=c["seed"], device=c["device"], verbose=c.get("verbose", 0),
-                   policy_kwargs=policy_kwargs(c), **kwargs)
-    except hesscale.UnsupportedModuleError as e:  # raised while building, before any training
-        raise ConfigError(f"opt={c['opt']['name']} (curvature={c['opt'].get('curvature')}) cannot use this "
-                          f"policy: {e} Use a supported module (agent.policy_kwargs) or a first-order "
-                          "optimizer without scaling.") from None
+from agents.experiment.validation import check_action_space, validate
 
 
 def _eval_callback(c: Mapping[str, Any], eval_env, run_dir: Path):
@@ -241,13 +175,13 @@ def _train_locked(c: dict, run_dir: Path, override_dirname: str, progress_bar: b
         env = make_train_env_checked(c)
         eval_env = make_eval_env(c)
         if state is None:
-            model = build_model(c, env, run_dir)
+            model = build_model(c, env)
             logger = ck.make_logger(run_dir / "tb", stdout=bool(c.get("verbose", 0)))
         else:
             exact = ck.restore_vec_env(env, state["train_env"])
             if state.get("eval_env"):
                 ck.restore_vec_env(eval_env, state["eval_env"])
-            model = _load_model(c, folder, env)
+            model = load_model(c, folder, env)
             model._last_obs, last_original, model._last_episode_starts = state["last_obs"]
             if last_original is not None:
                 model._last_original_obs = last_original
@@ -333,17 +267,6 @@ def _resume_point(c: dict, run_dir: Path, store) -> tuple[Path | None, dict | No
               "starting from scratch", file=sys.stderr, flush=True)
         return None, None
     return folder, state
-
-
-def _load_model(c: Mapping[str, Any], folder: Path, env):
-    """SB3's ``load()`` of a checkpoint (it reseeds; the callback restores the RNG states later)."""
-    from agents.experiment import checkpoint as ck
-
-    cls = agent_class(c["agent"]["cls"])
-    model = cls.load(str(folder / ck.MODEL_FILE), env=env, device=c["device"], force_reset=False)
-    if (folder / ck.BUFFER_FILE).is_file() and hasattr(model, "load_replay_buffer"):
-        model.load_replay_buffer(str(folder / ck.BUFFER_FILE))
-    return model
 
 
 def make_train_env_checked(c: Mapping[str, Any]):
