@@ -226,7 +226,7 @@ def test_bad_values_name_the_key(override, key):
 
 
 def test_unknown_env_and_discrete_sac_fail_before_training():
-    from agents.experiment.run import make_train_env_checked
+    from agents.experiment.envs import make_train_env_checked
 
     with pytest.raises(ConfigError, match="env.id='Nope-v0'"):
         make_train_env_checked(validate(_compose(["env.id=Nope-v0"])))

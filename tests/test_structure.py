@@ -80,6 +80,13 @@ def test_the_cycle_finder_sees_function_level_imports(tmp_path: Path):
     assert "agents.experiment.run" in _imports("agents.fake", f, _modules())
 
 
+def test_no_module_is_over_the_size_limit():
+    sizes = {name: len(path.read_text().splitlines()) for name, path in _modules().items()}
+    assert max(sizes.values()) > 100  # the walk found the sources
+    big = {name: n for name, n in sizes.items() if n > MAX_LINES}
+    assert not big, f"modules over {MAX_LINES} lines: {big}; split them by job"
+
+
 def test_a_configuration_error_answers_without_importing_torch_or_sb3(tmp_path: Path):
     code = f"""
 import sys

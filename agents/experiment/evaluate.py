@@ -28,8 +28,8 @@ def evaluate_run(run_dir: Path, n_episodes: int = 10, deterministic: bool = True
     import torch
     from stable_baselines3.common.evaluation import evaluate_policy
 
-    from agents.experiment.envs import load_normalization, make_eval_env
     from agents.experiment.build import agent_class
+    from agents.experiment.envs import load_normalization, make_eval_env
 
     run_dir = Path(run_dir)
     c = load_run(run_dir)
