@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from pathlib import Path
 from typing import Any, Mapping
 
 from agents.experiment.build import ACTIVATIONS, optimizer_spec
@@ -52,7 +53,32 @@ OPTIONAL_RANGES: dict[str, Range] = {
     **{f"opt.kwargs.{k}": r for k, r in KWARG_RANGES.items() if k != "betas"},
 }
 AUTO_KEYS = ("agent.kwargs.ent_coef", "agent.kwargs.vf_coef")  # SAC's "auto" / "auto_0.1"
-BOOLEANS = ("eval.deterministic", "progress_bar", "opt.scaling.enabled", "env.normalize")
+#: key -> (allowed values, whether null is allowed)
+CHOICES: dict[str, tuple[tuple, bool]] = {
+    "opt.optimizer": (OPTIMIZER_NAMES, False),
+    "opt.curvature": (CURVATURE_METHODS, True),
+    "opt.actor_curvature": (ACTOR_CURVATURE, True),
+    "agent.cls": (AGENT_CLASSES, False),
+}
+#: the schema every ``configs/opt/*.yaml`` starts from: its keys, their types and defaults
+OPT_SCHEMA = Path(__file__).resolve().parents[2] / "configs" / "opt" / "schema" / "base.yaml"
+
+
+def schema_leaves(path: Path = OPT_SCHEMA, prefix: str = "opt") -> dict[str, Any]:
+    """``{"opt.scaling.delta": 1e-08, ...}``: the schema's leaf keys and their (unresolved) defaults."""
+    from omegaconf import OmegaConf
+
+    def walk(node: Any, key: str) -> dict[str, Any]:
+        if isinstance(node, dict) and node:
+            return {k: v for name, child in node.items() for k, v in walk(child, f"{key}.{name}").items()}
+        return {key: node}
+
+    return walk(OmegaConf.to_container(OmegaConf.load(path), resolve=False), prefix)
+
+
+#: booleans: the opt schema's (its default is true or false) and these
+BOOLEANS = ("eval.deterministic", "progress_bar", "env.normalize",
+            *(k for k, v in schema_leaves().items() if isinstance(v, bool)))
 CHECKPOINT_BOOLEANS = ("checkpoint.resume", "checkpoint.keep_when_done")
 #: keys the runner sets itself; ``agent.kwargs.<key>`` is refused
 RUNNER_KEYS = ("seed", "tensorboard_log", "policy_kwargs", "device", "verbose", "env", "policy")
@@ -71,7 +97,10 @@ class _Checker:
         self.errors: list[str] = []
 
     def fail(self, key: str, value: Any, allowed: str) -> None:
-        self.errors.append(f"{key}={value!r} is not allowed: {allowed}")
+        if value is _MISSING:
+            self.errors.append(f"{key} is missing: {allowed}")
+        else:
+            self.errors.append(f"{key}={value!r} is not allowed: {allowed}")
 
     def in_range(self, cfg: Mapping, key: str, allowed: Range, nullable: bool = False,
                  optional: bool = False) -> None:
@@ -154,9 +183,8 @@ def validate(cfg: Any) -> dict:
         ck.fail("device", dev, "expected cpu, auto, cuda, cuda:N or mps")
 
     # optimizer
-    ck.choice(c, "opt.optimizer", OPTIMIZER_NAMES)
-    ck.choice(c, "opt.curvature", CURVATURE_METHODS, optional=True)
-    ck.choice(c, "opt.actor_curvature", ACTOR_CURVATURE, optional=True)
+    for key, (allowed, nullable) in CHOICES.items():
+        ck.choice(c, key, allowed, optional=nullable)
     kw = _get(c, "opt.kwargs")
     if not isinstance(kw, Mapping):
         ck.fail("opt.kwargs", kw, "expected a mapping of optimizer hyperparameters")
@@ -174,7 +202,6 @@ def validate(cfg: Any) -> dict:
         ck.fail("opt.curvature", None, "adahesscale needs a curvature method: " + ", ".join(CURVATURE_METHODS))
 
     # agent
-    ck.choice(c, "agent.cls", AGENT_CLASSES)
     akw = _get(c, "agent.kwargs")
     if isinstance(akw, Mapping):
         if "learning_rate" in akw:
