@@ -35,7 +35,8 @@ class A2C(OnPolicyCurvatureMixin, SB3A2C):
                 actions = actions.long().flatten()
 
             with update.capture() as cap:
-                values, log_prob, entropy, heads = self._evaluate_actions(rollout_data.observations, actions)
+                values, log_prob, entropy = self.policy.evaluate_actions(rollout_data.observations, actions)
+            heads = self._head_outputs(cap)
             values = values.flatten()
 
             advantages = rollout_data.advantages

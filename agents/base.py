@@ -20,7 +20,9 @@ from typing import Any, ClassVar
 
 import torch as th
 
-from .divergence import Diverged, all_finite, is_divergence_error, log
+from hesscale.optim._common import all_finite
+
+from .divergence import Diverged, is_divergence_error, log
 from .optimizers import first_order_policy_kwargs, normalize_optimizer_config, uses_curvature
 
 
@@ -31,7 +33,18 @@ class CurvatureAgentMixin:
     optimizer_config: dict
     divergence: dict | None
 
-    def __init__(self, policy: Any, env: Any, *args: Any, optimizer: dict | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        policy: Any,
+        env: Any,
+        *args: Any,
+        optimizer: dict | None = None,
+        force_curvature_path: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """``optimizer``: the dict of :mod:`agents.optimizers`. ``force_curvature_path=True`` runs the
+        curvature path's ``train()`` even for a first-order optimizer without scaling: a reference
+        route (with plain Adam it reproduces SB3's own ``train()`` to float rounding)."""
         if optimizer is None and self._algo == "a2c" and kwargs.get("use_rms_prop") is False:
             optimizer = {"name": "adam"}  # what SB3 builds then; keeps optimizer_config truthful
         config = normalize_optimizer_config(optimizer, self._algo)
@@ -49,14 +62,14 @@ class CurvatureAgentMixin:
         self.optimizer_config = config
         self.divergence = None
         self._updates: dict = {}
-        self._force_curvature_path = False
+        self.force_curvature_path = bool(force_curvature_path)
         super().__init__(policy, env, *args, **kwargs)
 
     # -- setup --------------------------------------------------------------------------------
     @property
     def uses_curvature(self) -> bool:
         """Whether ``train()`` is the curvature path (else SB3's own ``train()``)."""
-        return uses_curvature(self.optimizer_config) or self._force_curvature_path
+        return uses_curvature(self.optimizer_config) or self.force_curvature_path
 
     def _setup_model(self) -> None:
         # Idempotent; after load() it also restores tuples that SB3's JSON save turned into lists.

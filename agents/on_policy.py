@@ -75,12 +75,14 @@ class OnPolicyCurvatureMixin(CurvatureAgentMixin):
     """PPO/A2C: replace ``policy.optimizer`` by the curvature optimizer over named groups.
 
     For SB3's Gaussian policy the loss Hessians w.r.t. the heads (action mean, value, ``log_std``)
-    are passed in closed form (:mod:`agents.policy_hessians`); other action distributions get
+    are passed in closed form (:mod:`agents.policy_hessians`); other action distributions, or
+    ``closed_form_heads=False`` (the reference route the closed forms are tested against), get
     them exactly from the core by autograd.
     """
 
-    #: closed-form head Hessians for Gaussian policies (tests switch it off for the autograd route)
-    _closed_form_heads: bool = True
+    def __init__(self, *args: Any, closed_form_heads: bool = True, **kwargs: Any) -> None:
+        self.closed_form_heads = bool(closed_form_heads)
+        super().__init__(*args, **kwargs)
 
     def _setup_curvature(self) -> None:
         cfg = self.optimizer_config
@@ -88,7 +90,7 @@ class OnPolicyCurvatureMixin(CurvatureAgentMixin):
         groups = actor_critic_groups(policy)
         optimizer = build_optimizer(cfg, groups, lr=self.lr_schedule(1), algo=self._algo, rms_prop_eps=self._rms_prop_eps)
         policy.optimizer = optimizer  # SB3 saves/loads and schedules `policy.optimizer`
-        self._gaussian_heads = self._closed_form_heads and type(policy.action_dist) is DiagGaussianDistribution
+        self._gaussian_heads = self.closed_form_heads and type(policy.action_dist) is DiagGaussianDistribution
         log_std = [g["params"][0] for g in groups if g["name"] == "log_std"]
         self._updates = {
             "policy": CurvatureUpdate(
@@ -102,28 +104,12 @@ class OnPolicyCurvatureMixin(CurvatureAgentMixin):
             )
         }
 
-    def _evaluate_actions(self, obs: th.Tensor, actions: th.Tensor):
-        """``policy.evaluate_actions(obs, actions)`` plus the head outputs ``(mean_actions, values)``
-        as the captured modules returned them (``None`` unless the closed forms apply).
-
-        Same operations in the same order as SB3 2.9.2's ``ActorCriticPolicy.evaluate_actions``.
-        """
-        policy = self.policy
-        if not self._gaussian_heads:
-            return (*policy.evaluate_actions(obs, actions), None)
-        features = policy.extract_features(obs)
-        if policy.share_features_extractor:
-            latent_pi, latent_vf = policy.mlp_extractor(features)
-        else:
-            pi_features, vf_features = features
-            latent_pi = policy.mlp_extractor.forward_actor(pi_features)
-            latent_vf = policy.mlp_extractor.forward_critic(vf_features)
-        mean_actions = policy.action_net(latent_pi)
-        distribution = policy.action_dist.proba_distribution(mean_actions, policy.log_std)
-        log_prob = distribution.log_prob(actions)
-        values = policy.value_net(latent_vf)
-        entropy = distribution.entropy()
-        return values, log_prob, entropy, (mean_actions, values)
+    def _head_outputs(self, cap) -> tuple[th.Tensor, th.Tensor] | None:
+        """``(mean_actions, values)``: the head outputs of the ``policy.evaluate_actions`` call just
+        recorded by ``cap`` (``None`` unless the closed forms apply)."""
+        if cap is None or not self._gaussian_heads:
+            return None
+        return cap.outputs(self.policy.action_net)[-1], cap.outputs(self.policy.value_net)[-1]
 
     def _head_hessians(self, heads, actions, dl, d2l, value_h) -> dict:
         """``step()`` keyword arguments with the closed-form head Hessians (empty without heads)."""

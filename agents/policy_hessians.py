@@ -1,4 +1,5 @@
-"""Closed-form loss Hessians w.r.t. the heads of SB3's Gaussian actor-critic (PPO / A2C).
+"""Closed-form loss Hessians w.r.t. the heads of SB3's policies: the Gaussian actor-critic of
+PPO / A2C, and SAC's squashed-Gaussian actor (:func:`sac_actor_head_hessians`).
 
 These are the *exact* per-sample diagonals the core would otherwise compute by autograd
 (``hesscale.capture`` without ``output_hessians``: a batched Hessian-vector product per output,
@@ -62,3 +63,48 @@ def value_mse_hessian(
             inside = ((diff >= -clip_range_vf) & (diff <= clip_range_vf)).to(values.dtype)
             h = h * inside.reshape(values.shape)
     return h
+
+
+def sac_actor_head_hessians(
+    mean_actions: th.Tensor,
+    log_std_raw: th.Tensor,
+    gaussian_actions: th.Tensor,
+    actions: th.Tensor,
+    dq_da: th.Tensor,
+    ent_coef: th.Tensor | float,
+    epsilon: float,
+    log_std_bounds: tuple[float, float],
+) -> tuple[th.Tensor, th.Tensor]:
+    """``(H_mu, H_log_std)``, each ``[N, A]``: per-sample Hessians of SAC's actor loss
+    ``mean(α·log π(ã|s) − Q(s, ã))`` w.r.t. the mean head and the pre-clamp ``log_std`` head, with
+    the critic linearised in the action (``"gn"``).
+
+    With ``u = μ + σ·ε`` (``gaussian_actions``), ``ã = tanh u`` (``actions``), ``s = 1 − ã²``,
+    ``g = ∂Q/∂ã`` (``dq_da``), SB3's squashing term ``f(u) = −log(s + δ)`` (``δ = epsilon``) and
+    ``φ(u) = α·f(u) − Q``::
+
+        φ'  = α·f'(u) − g·s                    f'  = 2ãs/(s+δ)
+        φ'' = α·f''(u) + 2g·ã·s                f'' = 2s(s−2ã²)/(s+δ) + 4ã²s²/(s+δ)²
+        H_μ = φ''/N        H_logstd = m·(φ''·(σε)² + φ'·σε)/N
+
+    The Gaussian log-density is ``−ε²/2 − log σ`` under the reparametrisation (no curvature);
+    ``m`` masks SB3's clamp of ``log_std`` to ``log_std_bounds`` (bounds included, as autograd).
+    """
+    with th.no_grad():
+        n = mean_actions.shape[0]
+        t = actions.detach()
+        s = 1.0 - t * t
+        sd = s + epsilon
+        f1 = 2.0 * t * s / sd
+        f2 = 2.0 * s * (s - 2.0 * t * t) / sd + 4.0 * t * t * s * s / (sd * sd)
+        alpha = ent_coef.detach().reshape(-1)[0] if th.is_tensor(ent_coef) else float(ent_coef)
+        g = dq_da.detach()
+        phi1 = alpha * f1 - g * s
+        phi2 = alpha * f2 + 2.0 * g * t * s
+        sigma_eps = gaussian_actions.detach() - mean_actions.detach()
+        raw = log_std_raw.detach()
+        lo, hi = log_std_bounds
+        mask = ((raw >= lo) & (raw <= hi)).to(raw.dtype)
+        h_mu = phi2 / n
+        h_log_std = mask * (phi2 * sigma_eps * sigma_eps + phi1 * sigma_eps) / n
+    return h_mu, h_log_std

@@ -48,7 +48,8 @@ class PPO(OnPolicyCurvatureMixin, SB3PPO):
                     actions = rollout_data.actions.long().flatten()
 
                 with update.capture() as cap:
-                    values, log_prob, entropy, heads = self._evaluate_actions(rollout_data.observations, actions)
+                    values, log_prob, entropy = self.policy.evaluate_actions(rollout_data.observations, actions)
+                heads = self._head_outputs(cap)
                 values = values.flatten()
                 advantages = rollout_data.advantages
                 if self.normalize_advantage and len(advantages) > 1:

@@ -10,16 +10,8 @@ the heads' per-sample output Hessians (``optimizer["actor_curvature"]``):
   batched Hessian-vector product per head output (``2·act_dim`` products through the critics,
   each about the cost of a critic forward + double backward).
 * ``"gn"`` (default): the critic linearised in the action (its action-Hessian dropped) and a closed
-  form for the Gaussian/tanh part. With ``u = μ + σ·ε``, ``ã = tanh u``, ``s = 1 − ã²``,
-  ``g = ∂min Q/∂ã`` (one extra backward through the critics, to the action only), SB3's
-  squashing term ``f(u) = −log(s + δ)``, and ``φ(u) = α·f(u) − Q``::
-
-      φ'  = α·f'(u) − g·s                    f'  = 2ãs/(s+δ)
-      φ'' = α·f''(u) + 2g·ã·s                f'' = 2s(s−2ã²)/(s+δ) + 4ã²s²/(s+δ)²
-      H_μ = φ''/N        H_logstd = m·(φ''·(σε)² + φ'·σε)/N
-
-  (the Gaussian log-density is ``−ε²/2 − log σ`` under the reparametrisation: no curvature;
-  ``m`` masks SB3's clamp of ``log_std`` to [−20, 2]). With ReLU critics (SB3's default) ``Q`` is
+  form for the Gaussian/tanh part (:func:`agents.policy_hessians.sac_actor_head_hessians`; one extra
+  backward through the critics, to the action only). With ReLU critics (SB3's default) ``Q`` is
   piecewise linear in the action, so ``"gn"`` equals ``"exact"`` up to rounding.
 
 SB3's entropy-coefficient optimizer (Adam on ``log_ent_coef``) is left as it is.
@@ -37,6 +29,7 @@ from torch.nn import functional as F
 
 from .base import CurvatureAgentMixin
 from .optimizers import build_optimizer
+from .policy_hessians import sac_actor_head_hessians
 from .second_order import CurvatureUpdate
 
 
@@ -92,39 +85,22 @@ class SAC(CurvatureAgentMixin, SB3SAC):
             tensors.append(self.log_ent_coef)
         return tensors
 
-    # -- the actor's forward, with its head outputs exposed ----------------------------------
-    def _actor_forward(self, obs: th.Tensor):
-        """``actor.action_log_prob(obs)`` (same ops, same random draws), also returning the head
-        outputs ``mean_actions`` and pre-clamp ``log_std`` and the Gaussian sample ``u``."""
+    def _actor_heads(self, cap) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """``(mean_actions, log_std_raw, gaussian_actions)`` of the ``actor.action_log_prob`` call just
+        recorded by ``cap``: the two head outputs (``log_std`` before SB3's clamp) and the Gaussian
+        sample ``u`` (read at once: the next call of the actor overwrites it)."""
         actor = self.actor
-        features = actor.extract_features(obs, actor.features_extractor)
-        latent_pi = actor.latent_pi(features)
-        mean_actions = actor.mu(latent_pi)
-        log_std_raw = actor.log_std(latent_pi)
-        log_std = th.clamp(log_std_raw, LOG_STD_MIN, LOG_STD_MAX)
-        actions_pi, log_prob = actor.action_dist.log_prob_from_params(mean_actions, log_std)
-        gaussian_actions = actor.action_dist.gaussian_actions
-        return actions_pi, log_prob, mean_actions, log_std_raw, gaussian_actions
+        return cap.outputs(actor.mu)[-1], cap.outputs(actor.log_std)[-1], actor.action_dist.gaussian_actions
 
-    def _actor_gn_output_hessians(self, mean_actions, log_std_raw, gaussian_actions, actions_pi, min_qf_pi, ent_coef):
-        """Closed-form per-sample Hessians of the actor loss w.r.t. the two heads (see module doc)."""
-        (g,) = th.autograd.grad(min_qf_pi.sum(), actions_pi, retain_graph=True)
-        with th.no_grad():
-            n = mean_actions.shape[0]
-            delta = self.actor.action_dist.epsilon
-            t = actions_pi.detach()
-            s = 1.0 - t * t
-            sd = s + delta
-            f1 = 2.0 * t * s / sd
-            f2 = 2.0 * s * (s - 2.0 * t * t) / sd + 4.0 * t * t * s * s / (sd * sd)
-            alpha = ent_coef.detach().reshape(-1)[0] if th.is_tensor(ent_coef) else float(ent_coef)
-            phi1 = alpha * f1 - g * s
-            phi2 = alpha * f2 + 2.0 * g * t * s
-            sigma_eps = gaussian_actions.detach() - mean_actions.detach()
-            raw = log_std_raw.detach()
-            mask = ((raw >= LOG_STD_MIN) & (raw <= LOG_STD_MAX)).to(raw.dtype)
-            h_mu = phi2 / n
-            h_log_std = mask * (phi2 * sigma_eps * sigma_eps + phi1 * sigma_eps) / n
+    def _actor_gn_output_hessians(self, heads, actions_pi, min_qf_pi, ent_coef) -> dict[th.Tensor, th.Tensor]:
+        """Closed-form per-sample Hessians of the actor loss w.r.t. the two heads (``"gn"``, see
+        :func:`~agents.policy_hessians.sac_actor_head_hessians`); one backward through the critics."""
+        mean_actions, log_std_raw, gaussian_actions = heads
+        (dq_da,) = th.autograd.grad(min_qf_pi.sum(), actions_pi, retain_graph=True)
+        h_mu, h_log_std = sac_actor_head_hessians(
+            mean_actions, log_std_raw, gaussian_actions, actions_pi, dq_da, ent_coef,
+            self.actor.action_dist.epsilon, (LOG_STD_MIN, LOG_STD_MAX),
+        )
         return {mean_actions: h_mu, log_std_raw: h_log_std}
 
     def _train_curvature(self, gradient_steps: int, batch_size: int = 64) -> None:
@@ -145,9 +121,8 @@ class SAC(CurvatureAgentMixin, SB3SAC):
             discounts = replay_data.discounts if replay_data.discounts is not None else self.gamma
 
             with actor_update.capture() as actor_cap:
-                actions_pi, log_prob, mean_actions, log_std_raw, gaussian_actions = self._actor_forward(
-                    replay_data.observations
-                )
+                actions_pi, log_prob = self.actor.action_log_prob(replay_data.observations)
+            heads = self._actor_heads(actor_cap) if gn else None
             log_prob = log_prob.reshape(-1, 1)
 
             ent_coef_loss = None
@@ -191,9 +166,7 @@ class SAC(CurvatureAgentMixin, SB3SAC):
             # Optimize the actor: gradient + curvature (through the critics) + (scaled) step.
             output_hessians = None
             if gn:
-                output_hessians = self._actor_gn_output_hessians(
-                    mean_actions, log_std_raw, gaussian_actions, actions_pi, min_qf_pi, ent_coef
-                )
+                output_hessians = self._actor_gn_output_hessians(heads, actions_pi, min_qf_pi, ent_coef)
             actor_update.step(actor_cap, actor_loss, output_hessians=output_hessians)
 
             if gradient_step % self.target_update_interval == 0:

@@ -25,10 +25,10 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .names import SWEEP_METHODS
 from .output_hessians import exact_param_diag, exact_per_sample_diag
 from .rules import Rule, rule_for
 
-SWEEP_METHODS = ("hesscale", "hesscale_gn", "bl89")
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
@@ -295,6 +295,12 @@ class capture:
                     prev = d_acc.get(call.producer)
                     d_acc[call.producer] = d_in if prev is None else prev + d_in
         return hess
+
+    def outputs(self, module: nn.Module) -> list[Tensor]:
+        """The outputs of ``module``'s calls recorded so far, in call order, as the forward code
+        received them (valid keys of :meth:`backward`'s ``output_hessians``); read them before
+        :meth:`backward`, which clears the record."""
+        return [call.alias for call in self._calls if call.module is module]
 
     def is_captured_output(self, tensor: Tensor) -> bool:
         """Whether ``tensor`` is an output of a captured module, as the forward code received it."""

@@ -178,7 +178,8 @@ def _actor_hess(model, obs, route: str, linearise: bool = False):
     update = model._updates["actor"]
     th.manual_seed(123)
     with update.capture() as cap:
-        actions_pi, log_prob, mean, log_std_raw, u = model._actor_forward(obs)
+        actions_pi, log_prob = model.actor.action_log_prob(obs)
+    heads = model._actor_heads(cap)
     q = th.cat(model.critic(obs, actions_pi), dim=1)
     min_q, _ = th.min(q, dim=1, keepdim=True)
     if linearise:  # Q(ã) ≈ Q(ã₀) + g·(ã − ã₀): no action curvature of the critic
@@ -188,7 +189,7 @@ def _actor_hess(model, obs, route: str, linearise: bool = False):
     hessians = None
     if route == "gn":
         q_true = th.min(th.cat(model.critic(obs, actions_pi), dim=1), dim=1, keepdim=True)[0]
-        hessians = model._actor_gn_output_hessians(mean, log_std_raw, u, actions_pi, q_true, model.ent_coef_tensor)
+        hessians = model._actor_gn_output_hessians(heads, actions_pi, q_true, model.ent_coef_tensor)
     for p in model.actor.parameters():
         p.grad = None
     cap.backward(loss, output_hessians=hessians)
@@ -234,13 +235,11 @@ def test_closed_form_head_hessians_equal_the_cores_autograd_route(algo):
         if algo == "ppo":
             model = agents.PPO("MlpPolicy", "Pendulum-v1", optimizer={"name": "adahesscale", "kwargs": {"eps": 1e-5}},
                                n_steps=N, batch_size=N // 2, n_epochs=4, clip_range=0.01, clip_range_vf=0.002,
-                               ent_coef=0.01, seed=1, device="cpu", policy_kwargs=dict(NET))
+                               ent_coef=0.01, seed=1, device="cpu", policy_kwargs=dict(NET), closed_form_heads=closed)
         else:
             model = agents.A2C("MlpPolicy", "Pendulum-v1", optimizer={"name": "adahesscale", "kwargs": {"eps": 1e-5}},
                                n_steps=16, ent_coef=0.01, normalize_advantage=True, seed=1, device="cpu",
-                               policy_kwargs=dict(NET))
-        model._closed_form_heads = closed
-        model._setup_model()
+                               policy_kwargs=dict(NET), closed_form_heads=closed)
         assert model._gaussian_heads is closed
         records[closed] = []
         _snapshot_step(model.policy.optimizer, records[closed])

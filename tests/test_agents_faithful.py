@@ -3,9 +3,14 @@
 * Control arm: a first-order optimizer without scaling *is* SB3 — parameters bit-identical.
 * The curvature path's rewritten ``train()`` driven by plain Adam (scaling off) reproduces SB3's
   parameters to float rounding, so its loss code cannot drift from upstream's.
+* The upstream ``train()`` methods those copies follow are pinned by a fingerprint of their
+  source, so an SB3 upgrade fails loudly instead of drifting.
 """
 
 from __future__ import annotations
+
+import hashlib
+import inspect
 
 import pytest
 import stable_baselines3 as sb3
@@ -24,18 +29,34 @@ OURS = {"ppo": agents.PPO, "a2c": agents.A2C, "sac": agents.SAC}
 UPSTREAM = {"ppo": sb3.PPO, "a2c": sb3.A2C, "sac": sb3.SAC}
 
 
+# sha256 of ``inspect.getsource(<SB3 class>.train)`` for stable-baselines3 2.9.2
+UPSTREAM_TRAIN_SHA256 = {"ppo": "7c8d09940123242f", "a2c": "298ebd063ccbd989", "sac": "0ac7abe1c18ba7fe"}
+
+
+@pytest.mark.parametrize("algo", ["ppo", "a2c", "sac"])
+def test_upstream_train_source_is_the_one_copied(algo):
+    """``agents/<algo>.py``'s ``_train_curvature`` is upstream's ``train()`` with the optimisation
+    block replaced (SB3 has no narrower override point). If SB3 changes that method, re-diff the
+    copy against the new source, then update the fingerprint here."""
+    source = inspect.getsource(UPSTREAM[algo].train)
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    assert digest == UPSTREAM_TRAIN_SHA256[algo], (
+        f"stable-baselines3 {sb3.__version__}: {UPSTREAM[algo].__name__}.train() changed "
+        f"(sha256 {digest}); re-diff agents/{algo}.py _train_curvature against it"
+    )
+    assert OURS[algo]._train_curvature.__doc__.startswith(f"Upstream ``{UPSTREAM[algo].__name__}.train()`` (SB3 2.9.2)")
+
+
 def _params(model) -> list[th.Tensor]:
     return [p.detach().clone() for p in model.policy.parameters()]
 
 
-def _run(cls, algo, seed=0, optimizer="__none__", setup=None, **extra):
+def _run(cls, algo, seed=0, optimizer="__none__", **extra):
     kwargs = {**SETTINGS[algo], **extra}
     kwargs["policy_kwargs"] = dict(kwargs["policy_kwargs"])  # SB3's A2C writes into policy_kwargs
     if optimizer != "__none__":
         kwargs["optimizer"] = optimizer
     model = cls("MlpPolicy", "Pendulum-v1", seed=seed, device="cpu", **kwargs)
-    if setup is not None:
-        setup(model)
     model.learn(STEPS[algo])
     return model
 
@@ -67,11 +88,6 @@ def test_a2c_adam_is_sb3s_adam():
         assert th.equal(x, y)
 
 
-def _force_curvature_path(model):
-    model._force_curvature_path = True
-    model._setup_model()
-
-
 @pytest.mark.parametrize("algo", ["ppo", "a2c", "sac"])
 def test_curvature_train_with_plain_adam_reproduces_upstream(algo):
     # Upstream with effectively no clipping (the curvature path's default is no clipping);
@@ -79,7 +95,7 @@ def test_curvature_train_with_plain_adam_reproduces_upstream(algo):
     upstream_kwargs = {"max_grad_norm": 1e30} if algo != "sac" else {}
     up_kwargs_a2c = {"use_rms_prop": False} if algo == "a2c" else {}
     upstream = _params(_run(UPSTREAM[algo], algo, **upstream_kwargs, **up_kwargs_a2c))
-    ours = _run(OURS[algo], algo, optimizer={"name": "adam"}, setup=_force_curvature_path, **upstream_kwargs)
+    ours = _run(OURS[algo], algo, optimizer={"name": "adam"}, force_curvature_path=True, **upstream_kwargs)
     assert ours.uses_curvature and ours._updates  # really our train()
     assert _max_rel(_params(ours), upstream) <= 1e-6
     # and it is not trivially equal to the initial parameters
@@ -116,10 +132,10 @@ def test_curvature_train_honours_upstream_options(algo):
     upstream_kwargs = {"max_grad_norm": 1e30} if algo != "sac" else {}
     a2c = {"use_rms_prop": False} if algo == "a2c" else {}
     upstream_model = _run(UPSTREAM[algo], algo, **upstream_kwargs, **a2c, **OPTIONS[algo])
-    ours = _run(OURS[algo], algo, optimizer={"name": "adam"}, setup=_force_curvature_path, **upstream_kwargs,
+    ours = _run(OURS[algo], algo, optimizer={"name": "adam"}, force_curvature_path=True, **upstream_kwargs,
                 **OPTIONS[algo])
     assert _max_rel(_params(ours), _params(upstream_model)) <= 1e-6
     if algo == "ppo":  # early stopping really happened: fewer than n_epochs passes per rollout
         assert ours._n_updates == upstream_model._n_updates < 3 * 2
-    default = _run(OURS[algo], algo, optimizer={"name": "adam"}, setup=_force_curvature_path, **upstream_kwargs)
+    default = _run(OURS[algo], algo, optimizer={"name": "adam"}, force_curvature_path=True, **upstream_kwargs)
     assert _max_rel(_params(default), _params(upstream_model)) > 1e-4  # the options mattered

@@ -2,7 +2,9 @@
 
 Then ``Jᵀ diag(d_out) J`` has diagonal ``vjp(c · d_out)`` (since ``J² = c·J``): max-pooling has
 ``c = 1`` (the gradient routing of ``d_out`` to each window's arg-max), average pooling
-``c = 1/divisor`` — the kernel's *squared* weights ``1/k²`` per window, not ``1/k``.
+``c = 1/divisor`` — the kernel's *squared* weights ``1/k²`` per window, not ``1/k``. Adaptive
+average pooling has windows ``[⌊o·I/O⌋, ⌈(o+1)·I/O⌉)`` per dim (overlapping when ``O ∤ I``) and
+``c = 1/|window|``.
 """
 from __future__ import annotations
 
@@ -47,3 +49,27 @@ class AvgPoolRule(Rule):
 
     def input_diag(self, module, x, y, d_out, g_out, gauss_newton):
         return _vjp(module, x, d_out / _avg_pool_divisor(module, x))
+
+
+def _adaptive_window_sizes(in_size: int, out_size: int, like: Tensor) -> Tensor:
+    """``|window_o|`` of adaptive pooling along one dim: ``⌈(o+1)I/O⌉ − ⌊oI/O⌋``."""
+    o = torch.arange(out_size, device=like.device)
+    start = torch.div(o * in_size, out_size, rounding_mode="floor")
+    end = torch.div((o + 1) * in_size + out_size - 1, out_size, rounding_mode="floor")
+    return (end - start).to(like.dtype)
+
+
+#: adaptive average pooling type → number of pooled (trailing) dims
+ADAPTIVE_AVG_POOL_DIMS = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+
+
+class AdaptiveAvgPoolRule(Rule):
+    """``nn.AdaptiveAvgPool1d/2d/3d``: ``d_in = vjp(d_out / |window|)``, ``|window|`` per output."""
+
+    def input_diag(self, module, x, y, d_out, g_out, gauss_newton):
+        spatial = ADAPTIVE_AVG_POOL_DIMS[type(module)]
+        count = torch.ones((), dtype=d_out.dtype, device=d_out.device)
+        for k in range(1, spatial + 1):
+            size = _adaptive_window_sizes(x.shape[-k], y.shape[-k], d_out)
+            count = count * size.reshape((-1,) + (1,) * (k - 1))
+        return _vjp(module, x, d_out / count)

@@ -6,8 +6,10 @@ from torch import nn
 from .base import Rule
 from .conv import ConvRule
 from .elementwise import ACTIVATIONS, DropoutRule, ElementwiseRule
+from .embedding import EmbeddingRule
 from .linear import LinearRule
-from .pooling import AvgPoolRule, MaxPoolRule
+from .normalization import BatchNormRule, LayerNormRule
+from .pooling import ADAPTIVE_AVG_POOL_DIMS, AdaptiveAvgPoolRule, AvgPoolRule, MaxPoolRule
 from .shape import ReshapeRule
 
 _RULES: dict[type[nn.Module], Rule] = {
@@ -16,11 +18,26 @@ _RULES: dict[type[nn.Module], Rule] = {
     nn.Conv2d: ConvRule(),
     nn.MaxPool2d: MaxPoolRule(),
     nn.AvgPool2d: AvgPoolRule(),
+    **{t: AdaptiveAvgPoolRule() for t in ADAPTIVE_AVG_POOL_DIMS},
+    nn.LayerNorm: LayerNormRule(),
+    nn.BatchNorm1d: BatchNormRule(),
+    nn.BatchNorm2d: BatchNormRule(),
+    nn.Embedding: EmbeddingRule(),
     nn.Flatten: ReshapeRule(),
     nn.Unflatten: ReshapeRule(),
     nn.Identity: ReshapeRule(),
     nn.Dropout: DropoutRule(),
     **{t: ElementwiseRule(first, second) for t, (first, second) in ACTIVATIONS.items()},
+}
+
+
+#: module types rejected on purpose (qualified name, so nothing is imported) → why
+_REJECTED = {
+    "sb3_contrib.common.torch_layers.BatchRenorm1d": (
+        "its forward updates the running statistics from which it derives the renormalisation "
+        "(r, d) it applied, so no rule can recover the normalisation that forward used; "
+        "nn.BatchNorm1d is supported"
+    ),
 }
 
 
@@ -50,8 +67,11 @@ def rule_for(module: nn.Module, path: str) -> Rule:
     """The rule of ``module`` (found at ``path``), or an error naming the supported types."""
     rule = _RULES.get(type(module))
     if rule is None:
+        kind = type(module)
+        reason = _REJECTED.get(f"{kind.__module__}.{kind.__qualname__}")
         raise UnsupportedModuleError(
-            f"module {path or '<root>'!r} of type {type(module).__name__} has no HesScale rule. "
+            f"module {path or '<root>'!r} of type {kind.__name__} has no HesScale rule"
+            f"{f' ({reason})' if reason else ''}. "
             f"Supported: {', '.join(supported_types())}. "
             "Add one with hesscale.register_rule(type, rule), or capture fewer modules."
         )
