@@ -5,12 +5,41 @@
 without scaling) is SB3's own algorithm, bit for bit. Curvature optimizers go through one shared
 update (:class:`agents.second_order.CurvatureUpdate`). A run that produces NaN/Inf stops ``learn()``
 cleanly and sets ``model.divergence = {"step": ..., "reason": ...}`` (``None`` while healthy).
+
+The exports load on first use (PEP 562): importing ``agents`` or a torch-free submodule
+(``agents.optimizers``, ``agents.experiment.validation``) does not import torch or SB3.
 """
 
-from .a2c import A2C
-from .optimizers import CURVATURE_METHODS, OPTIMIZER_NAMES, normalize_optimizer_config
-from .ppo import PPO
-from .sac import SAC
-from .second_order import CurvatureUpdate
+from __future__ import annotations
 
-__all__ = ["A2C", "CURVATURE_METHODS", "OPTIMIZER_NAMES", "PPO", "SAC", "CurvatureUpdate", "normalize_optimizer_config"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "A2C": ".a2c",
+    "PPO": ".ppo",
+    "SAC": ".sac",
+    "CurvatureUpdate": ".second_order",
+    "CURVATURE_METHODS": ".optimizers",
+    "OPTIMIZER_NAMES": ".optimizers",
+    "normalize_optimizer_config": ".optimizers",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:  # a submodule (``agents.optimizers``) or nothing
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -23,7 +23,9 @@ from typing import Any, ClassVar
 
 import torch as th
 
-from .divergence import Diverged, all_finite, is_divergence_error, log
+from hesscale.optim._common import all_finite
+
+from .divergence import Diverged, is_divergence_error, log
 from .optimizers import first_order_policy_kwargs, normalize_optimizer_config, uses_curvature
 
 

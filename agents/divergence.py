@@ -13,6 +13,8 @@ from typing import Iterable
 
 import torch as th
 
+from hesscale.optim._common import all_finite
+
 log = logging.getLogger("agents")
 
 
@@ -33,13 +35,5 @@ def is_divergence_error(exc: BaseException, params: Iterable[th.Tensor] = ()) ->
         return False
     if "found invalid values" in str(exc):
         return True
-    return not all_finite(params)
+    return not all_finite(list(params))
 
-
-def all_finite(tensors: Iterable[th.Tensor]) -> bool:
-    """True when every element of every tensor is finite (one fused max-abs reduction; NaN and
-    Inf propagate through it)."""
-    tensors = [t.detach() for t in tensors if t.numel() > 0]
-    if not tensors:
-        return True
-    return bool(th.isfinite(th.stack(th._foreach_norm(tensors, float("inf"))).sum()))

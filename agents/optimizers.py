@@ -30,22 +30,35 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-import torch as th
+from hesscale.names import SWEEP_METHODS
+
+from .ranges import NON_NEGATIVE, POSITIVE, UNIT, UNIT_HALF_OPEN, Range
 
 FIRST_ORDER = ("adam", "rmsprop", "sgd")
 CURVATURE_OPTIMIZERS = ("adahesscale", "adahessian")
 OPTIMIZER_NAMES = FIRST_ORDER + CURVATURE_OPTIMIZERS
-CURVATURE_METHODS = ("hesscale", "hesscale_gn", "bl89")
+CURVATURE_METHODS = SWEEP_METHODS
 ACTOR_CURVATURE = ("gn", "exact")
 ALGOS = ("ppo", "a2c", "sac")
 
 TOP_KEYS = ("name", "curvature", "kwargs", "scaling", "max_grad_norm", "actor_curvature")
 SCALING_DEFAULTS = {"enabled": False, "delta": 1e-8, "max_scale": 1.0, "beta": 0.999}
+SCALING_RANGES: dict[str, Range] = {"delta": POSITIVE, "max_scale": POSITIVE, "beta": UNIT_HALF_OPEN}
+MAX_GRAD_NORM_RANGE = POSITIVE
+#: ranges of the usual optimizer hyperparameters in ``kwargs`` (``betas``: each entry)
+KWARG_RANGES: dict[str, Range] = {"eps": POSITIVE, "weight_decay": NON_NEGATIVE, "momentum": NON_NEGATIVE,
+                                  "alpha": UNIT, "betas": UNIT_HALF_OPEN}
 
 # SB3's own default optimizer per algorithm (A2C: RMSprop, ``use_rms_prop=True``).
 SB3_DEFAULT_NAME = {"ppo": "adam", "a2c": "rmsprop", "sac": "adam"}
 
-_TORCH_CLASSES = {"adam": th.optim.Adam, "rmsprop": th.optim.RMSprop, "sgd": th.optim.SGD}
+_TORCH_CLASSES = {"adam": "Adam", "rmsprop": "RMSprop", "sgd": "SGD"}  # in torch.optim
+
+
+def _torch_class(name: str) -> type:
+    import torch
+
+    return getattr(torch.optim, _TORCH_CLASSES[name])
 
 
 def _valid(kind: str, value: Any, valid: Iterable[Any]) -> ValueError:
@@ -105,21 +118,17 @@ def normalize_optimizer_config(config: dict | None, algo: str) -> dict:
             raise _valid("scaling key", key, tuple(SCALING_DEFAULTS))
     scaling = {**SCALING_DEFAULTS, **{k: v for k, v in scaling_in.items() if v is not None}}
     scaling["enabled"] = bool(scaling["enabled"])
-    for key in ("delta", "max_scale", "beta"):
+    for key, allowed in SCALING_RANGES.items():
         scaling[key] = float(scaling[key])
-    if scaling["enabled"]:
-        if not scaling["delta"] > 0:
-            raise ValueError(f"invalid scaling delta {scaling['delta']!r}; must be > 0")
-        if not scaling["max_scale"] > 0:
-            raise ValueError(f"invalid scaling max_scale {scaling['max_scale']!r}; must be > 0")
-        if not 0.0 <= scaling["beta"] < 1.0:
-            raise ValueError(f"invalid scaling beta {scaling['beta']!r}; must be in [0, 1)")
+        if scaling["enabled"] and scaling[key] not in allowed:
+            raise ValueError(f"invalid scaling {key} {scaling[key]!r}; expected {allowed.expected()}")
 
     max_grad_norm = config.get("max_grad_norm")
     if max_grad_norm is not None:
         max_grad_norm = float(max_grad_norm)
-        if not max_grad_norm > 0:
-            raise ValueError(f"invalid optimizer max_grad_norm {max_grad_norm!r}; must be > 0 or None")
+        if max_grad_norm not in MAX_GRAD_NORM_RANGE:
+            raise ValueError(f"invalid optimizer max_grad_norm {max_grad_norm!r}; expected "
+                             f"{MAX_GRAD_NORM_RANGE.expected()} or None")
 
     actor_curvature = config.get("actor_curvature")
     actor_curvature = "gn" if actor_curvature is None else str(actor_curvature).lower()
@@ -149,6 +158,13 @@ def uses_curvature(config: dict) -> bool:
     return config["name"] in CURVATURE_OPTIMIZERS or bool(config["scaling"]["enabled"])
 
 
+def is_sb3_default(name: str, kwargs: dict, algo: str, rms_prop_eps: float = 1e-5) -> bool:
+    """Whether optimizer ``name`` with ``kwargs`` is what SB3 builds for ``algo`` by itself
+    (``kwargs`` spell out at most SB3's own values)."""
+    defaults = _sb3_first_order_kwargs(name, algo, rms_prop_eps)
+    return name == SB3_DEFAULT_NAME[algo] and all(k in defaults and defaults[k] == v for k, v in kwargs.items())
+
+
 def _sb3_first_order_kwargs(name: str, algo: str, rms_prop_eps: float = 1e-5) -> dict:
     """SB3's own optimizer kwargs for ``name`` on ``algo`` (what SB3 would build)."""
     if algo in ("ppo", "a2c") and name == "adam":
@@ -171,11 +187,11 @@ def first_order_policy_kwargs(config: dict, algo: str, rms_prop_eps: float = 1e-
     if not kwargs:
         if algo == "a2c" and name == "adam":
             # As SB3 builds Adam for A2C (use_rms_prop=False): ActorCriticPolicy adds eps=1e-5.
-            return {"optimizer_class": th.optim.Adam}
+            return {"optimizer_class": _torch_class("adam")}
         if algo == "a2c" and name == "rmsprop":
             return {}
     merged = {**_sb3_first_order_kwargs(name, algo, rms_prop_eps), **kwargs}
-    return {"optimizer_class": _TORCH_CLASSES[name], "optimizer_kwargs": merged}
+    return {"optimizer_class": _torch_class(name), "optimizer_kwargs": merged}
 
 
 def build_optimizer(config: dict, groups: list[dict], lr: float, algo: str, rms_prop_eps: float = 1e-5):
@@ -185,20 +201,18 @@ def build_optimizer(config: dict, groups: list[dict], lr: float, algo: str, rms_
     by ``kwargs``), ``hesscale.optim.AdaHesScale`` or ``hesscale.optim.AdaHessian``; with
     ``scaling.enabled`` it is wrapped in ``hesscale.optim.StepSizeScaling``.
     """
+    import hesscale.optim as hoptim
+
     name, kwargs = config["name"], dict(config["kwargs"])
     groups = [dict(g) for g in groups if len(g["params"]) > 0]
     if name in _TORCH_CLASSES:
         base_kwargs = {**_sb3_first_order_kwargs(name, algo, rms_prop_eps), **kwargs}
-        base = _TORCH_CLASSES[name](groups, lr=lr, **base_kwargs)
+        base = _torch_class(name)(groups, lr=lr, **base_kwargs)
     else:
-        import hesscale.optim as hoptim
-
         cls = {"adahesscale": hoptim.AdaHesScale, "adahessian": hoptim.AdaHessian}[name]
         base = cls(groups, lr=lr, **kwargs)
     if not config["scaling"]["enabled"]:
         return base
-    import hesscale.optim as hoptim
-
     s = config["scaling"]
     return hoptim.StepSizeScaling(base, delta=s["delta"], max_scale=s["max_scale"], beta=s["beta"])
 

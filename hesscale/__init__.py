@@ -10,18 +10,35 @@ Public API:
 References: Elsayed & Mahmood, arXiv 2210.11639; Elsayed, Farrahi, Dangel & Mahmood, ICML 2024,
 arXiv 2406.03276; Becker & LeCun 1989.
 """
-from .api import METHODS, hessian_diagonal
-from .rules import ElementwiseRule, Rule, UnsupportedModuleError, register_rule, supported_types
-from .sweep import SWEEP_METHODS, capture
+from __future__ import annotations
 
-__all__ = [
-    "METHODS",
-    "SWEEP_METHODS",
-    "ElementwiseRule",
-    "Rule",
-    "UnsupportedModuleError",
-    "capture",
-    "hessian_diagonal",
-    "register_rule",
-    "supported_types",
-]
+import importlib
+from typing import Any
+
+from .names import SWEEP_METHODS
+
+# PEP 562: the torch-backed parts load on first use, so `import hesscale.names` stays torch-free.
+_EXPORTS = {
+    "METHODS": ".api",
+    "hessian_diagonal": ".api",
+    "ElementwiseRule": ".rules",
+    "Rule": ".rules",
+    "UnsupportedModuleError": ".rules",
+    "register_rule": ".rules",
+    "supported_types": ".rules",
+    "capture": ".sweep",
+}
+
+__all__ = ["SWEEP_METHODS", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

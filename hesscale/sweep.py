@@ -25,10 +25,10 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .names import SWEEP_METHODS
 from .output_hessians import exact_param_diag, exact_per_sample_diag
 from .rules import Rule, rule_for
 
-SWEEP_METHODS = ("hesscale", "hesscale_gn", "bl89")
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 

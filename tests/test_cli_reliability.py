@@ -70,12 +70,12 @@ def test_mujoco_instability_ends_the_run_diverged(tmp_path: Path):
 
 
 def test_a_crash_is_recorded_as_failed_and_returns(tmp_path: Path, monkeypatch):
-    import agents.experiment.run as run
+    import agents.experiment.eval_history as eval_history
 
     def boom(*a, **k):
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(run, "_eval_callback", boom)
+    monkeypatch.setattr(eval_history, "eval_callback", boom)
     r = train(_cfg([*TINY_PPO, "env=pendulum", "total_timesteps=64"]), tmp_path)
     assert r["status"] == "failed" and "simulated crash" in r["error"]
     assert "simulated crash" in (tmp_path / "error.txt").read_text()

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from agents.experiment.run import build_model, optimizer_spec
+from agents.experiment.build import build_model, optimizer_spec
 from agents.experiment.validation import ConfigError, validate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -226,9 +226,38 @@ def test_bad_values_name_the_key(override, key):
 
 
 def test_unknown_env_and_discrete_sac_fail_before_training():
-    from agents.experiment.run import make_train_env_checked
+    from agents.experiment.envs import make_train_env_checked
 
     with pytest.raises(ConfigError, match="env.id='Nope-v0'"):
         make_train_env_checked(validate(_compose(["env.id=Nope-v0"])))
     with pytest.raises(ConfigError, match="agent=sac needs a continuous"):
         make_train_env_checked(validate(_compose(["agent=sac", "env=cartpole"])))
+
+
+def test_every_opt_schema_key_is_checked_once_and_its_default_passes():
+    """configs/opt/schema/base.yaml is the one list of opt keys: each leaf has one check in
+    agents/experiment/validation.py (its range, its choices or its boolean type), and each
+    opt file differs from the schema only where it says so."""
+    from agents.experiment import validation as v
+
+    leaves = v.schema_leaves()
+    assert {"opt.optimizer", "opt.scaling.delta", "opt.scaling.enabled", "opt.max_grad_norm"} <= set(leaves)
+    checks = [set(v.RANGES), set(v.NULLABLE_RANGES), set(v.BOOLEANS), set(v.CHOICES)]
+    for key, default in leaves.items():
+        if key in ("opt.name", "opt.kwargs"):  # the option's own name; a free mapping checked per entry
+            continue
+        assert sum(key in check for check in checks) == 1, key
+        if isinstance(default, float):
+            assert default in {**v.RANGES, **v.NULLABLE_RANGES}[key], key
+    for opt in OPTS:
+        text = (CONFIGS / "opt" / f"{opt}.yaml").read_text()
+        assert "schema/base@_here_" in text or opt == "hesscale", opt
+        assert len([line for line in text.splitlines() if line and not line.startswith("#")]) <= 12, opt
+
+
+def test_a_missing_key_is_named_without_a_python_repr():
+    cfg = _compose(["opt=adam", "~opt.scaling.delta"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert "opt.scaling.delta is missing: expected a finite number > 0" in str(e.value)
+    assert "object at 0x" not in str(e.value)

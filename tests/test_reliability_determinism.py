@@ -109,9 +109,9 @@ def test_bad_checkpoint_values_name_the_key(override: str, message: str):
 
 def test_unsupported_module_in_the_policy_fails_before_training(tmp_path: Path, monkeypatch):
     """A module the core has no rule for (Hardtanh) is named, with what is supported."""
-    import agents.experiment.validation as v
+    import agents.experiment.build as b
 
-    monkeypatch.setitem(v.ACTIVATIONS, "hardtanh", "Hardtanh")
+    monkeypatch.setitem(b.ACTIVATIONS, "hardtanh", "Hardtanh")
     cfg = _cfg([*TINY["ppo"], *COMMON, "++agent.policy_kwargs.activation_fn=hardtanh"])
     with pytest.raises(ConfigError) as e:
         train(cfg, tmp_path)
@@ -143,7 +143,7 @@ def test_curvature_optimizer_state_round_trips_through_save_load(tmp_path: Path,
     import numpy as np
 
     from agents.experiment.envs import make_train_env
-    from agents.experiment.run import agent_class, build_model
+    from agents.experiment.build import agent_class, build_model
 
     c = validate(_cfg([*TINY[agent], *COMMON, f"opt={opt}"]))
     env = make_train_env(c)

@@ -1,8 +1,8 @@
 """Resume after SIGKILL / SIGTERM, atomic checkpoints: killed runs finish exactly as uninterrupted ones.
 
 Runs are tiny (Pendulum-v1, 16-unit nets, a few hundred steps). A run is frozen at a known point
-with ``HESSCALE_TEST_PAUSE`` (after env step N, or while writing the K-th checkpoint) and killed
-from outside; the same command then resumes it.
+by ``tests/pause_train.py`` (``scripts/train.py`` with a pause injected after env step N, or while
+writing the K-th checkpoint) and killed from outside; the same command then resumes it.
 """
 
 from __future__ import annotations
@@ -20,11 +20,14 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from agents.experiment import checkpoint as ck
+from agents.experiment import preemption
+from agents.experiment.build import MODEL_FILE
 from agents.experiment.run import train
+from agents.experiment.store import CheckpointStore, load_state
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "scripts" / "train.py")
+PAUSE_TRAIN = str(ROOT / "tests" / "pause_train.py")
 COMMON = ["env=pendulum", "opt=hesscale", "eval.freq=400", "eval.n_episodes=1", "checkpoint.freq=200",
           "progress_bar=false", "++agent.policy_kwargs.net_arch=[16]"]
 # Rollouts of 200 steps = one Pendulum episode: checkpoints fall on episode boundaries.
@@ -51,10 +54,8 @@ def _cfg(overrides: list[str]):
 
 def _start(args: list[str], cwd: Path, pause: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    env.pop("HESSCALE_TEST_PAUSE", None)
-    if pause:
-        env["HESSCALE_TEST_PAUSE"] = pause
-    return subprocess.Popen([sys.executable, TRAIN, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+    command = [PAUSE_TRAIN, pause, *args] if pause else [TRAIN, *args]
+    return subprocess.Popen([sys.executable, *command], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -140,7 +141,7 @@ def reference(tmp_path_factory):
     # PPO: checkpoint at 400, logs at 600 written after it, killed at 700 -> those are dropped
     ("ppo", "step:700", ["checkpoint.freq=400"]),
     # SAC: checkpoints every 200 steps (at step boundaries), killed at 500
-    ("sac", "step:500", []),
+    pytest.param("sac", "step:500", [], marks=pytest.mark.slow),
 ])
 def test_sigkill_then_rerun_resumes_and_equals_uninterrupted(tmp_path: Path, reference, agent: str,
                                                              pause: str, extra: list[str]):
@@ -149,7 +150,7 @@ def test_sigkill_then_rerun_resumes_and_equals_uninterrupted(tmp_path: Path, ref
     run = _wait_paused(p, tmp_path)
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=30)
-    assert ck.CheckpointStore(run).latest().name == "step_000000000400"
+    assert CheckpointStore(run).latest().name == "step_000000000400"
     assert json.loads((run / "result.json").read_text())["status"] == "running"
     (run / ".paused").unlink()
     done = _finish(args, tmp_path)
@@ -167,14 +168,14 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path: Path, ref
     run = _wait_paused(p, tmp_path)
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=30)
-    store = ck.CheckpointStore(run)
+    store = CheckpointStore(run)
     assert list(store.root.glob(".tmp-400-*")), list(store.root.iterdir())  # the interrupted write
     latest = store.latest()
     assert latest.name == "step_000000000200" and (store.root / "latest").read_text().strip() == latest.name
     import agents
 
-    model = agents.PPO.load(str(latest / ck.MODEL_FILE))  # loadable
-    assert model.num_timesteps == 200 and ck.load_state(latest)["step"] == 200
+    model = agents.PPO.load(str(latest / MODEL_FILE))  # loadable
+    assert model.num_timesteps == 200 and load_state(latest)["step"] == 200
     (run / ".paused").unlink()
     done = _finish(args, tmp_path)
     assert done.returncode == 0 and "from the checkpoint at step 200" in done.stdout, done.stdout + done.stderr
@@ -191,7 +192,7 @@ def test_sigterm_checkpoints_exits_and_resumes(tmp_path: Path, reference):
     assert "[preempted]" in out and "checkpoint at step 600" in out, out + err
     r = json.loads((run / "result.json").read_text())
     assert r["status"] == "running" and r["preempted"]["step"] == 600 and r["preempted"]["signal"] == "SIGTERM"
-    assert ck.CheckpointStore(run).latest().name == "step_000000000600"
+    assert CheckpointStore(run).latest().name == "step_000000000600"
     (run / ".paused").unlink()
     done = _finish(args, tmp_path)
     assert done.returncode == 0 and "from the checkpoint at step 600" in done.stdout, done.stdout + done.stderr
@@ -199,19 +200,19 @@ def test_sigterm_checkpoints_exits_and_resumes(tmp_path: Path, reference):
 
 
 def test_sigusr1_is_a_preemption_signal():
-    ck.reset_preemption()
+    preemption.reset_preemption()
     try:
-        with ck.PreemptionGuard():
+        with preemption.PreemptionGuard():
             os.kill(os.getpid(), signal.SIGUSR1)
             time.sleep(0.01)
-            assert ck.preemption_requested() == signal.SIGUSR1
-        assert signal.getsignal(signal.SIGUSR1) is not ck._handler  # handlers put back
+            assert preemption.preemption_requested() == signal.SIGUSR1
+        assert signal.getsignal(signal.SIGUSR1) is not preemption._handler  # handlers put back
     finally:
-        ck.reset_preemption()
+        preemption.reset_preemption()
 
 
 def test_store_ignores_incomplete_checkpoints(tmp_path: Path):
-    store = ck.CheckpointStore(tmp_path, keep=2)
+    store = CheckpointStore(tmp_path, keep=2)
     for step in (10, 20, 30):
         store.save(step, lambda d, s=step: (d / "a.bin").write_bytes(bytes(s)))
     assert [d.name for d in store.steps()] == ["step_000000000020", "step_000000000030"]  # keep=2
@@ -228,17 +229,17 @@ def test_submitit_preemption_handler_is_chained_after_the_checkpoint():
     """submitit's handler for its preemption signal (USR2) runs after ours has checkpointed."""
     calls = []
     old = signal.signal(signal.SIGUSR2, lambda s, f: calls.append(s))  # stands in for submitit's
-    ck.reset_preemption()
+    preemption.reset_preemption()
     try:
-        with ck.PreemptionGuard():
+        with preemption.PreemptionGuard():
             os.kill(os.getpid(), signal.SIGUSR2)
             time.sleep(0.01)
-            assert ck.preemption_requested() == signal.SIGUSR2 and calls == []
-        ck.chain_previous_handler(signal.SIGUSR2)
+            assert preemption.preemption_requested() == signal.SIGUSR2 and calls == []
+        preemption.chain_previous_handler(signal.SIGUSR2)
         assert calls == [signal.SIGUSR2]
     finally:
         signal.signal(signal.SIGUSR2, old)
-        ck.reset_preemption()
+        preemption.reset_preemption()
 
 
 @pytest.mark.parametrize("env,agent,resume_at", [

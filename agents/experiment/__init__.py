@@ -8,6 +8,6 @@ reject bad configurations quickly. The entry points live in ``scripts/``:
 * ``scripts/report.py``   -> :func:`agents.experiment.report.main`
 """
 
-from agents.experiment.validation import ConfigError
+from agents.experiment.errors import ConfigError
 
 __all__ = ["ConfigError"]

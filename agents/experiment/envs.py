@@ -1,4 +1,5 @@
-"""Training and evaluation environments (Gymnasium vector envs, optional VecNormalize)."""
+"""Training and evaluation environments (Gymnasium vector envs, optional VecNormalize), and the
+MuJoCo instability report (a wrapper that detects it, a callback that ends the run as diverged)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,50 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import gymnasium as gym
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import VecNormalize
 
-from agents.experiment.validation import check_env_id
+from agents.experiment.errors import ConfigError
+from agents.experiment.validation import check_action_space, check_env_id
+
+
+# MuJoCo compiler notices that are known to be harmless here: Gymnasium 1.4's own model files set
+# the deprecated `settotalmass` (HalfCheetah, Ant, ...), printed at every model load.
+KNOWN_HARMLESS_MUJOCO_WARNINGS = ("compiler attribute 'settotalmass' is deprecated",)
+
+
+def _mujoco_warning(msg: str) -> None:
+    """MuJoCo's warning handler without the known-harmless notices; the rest as MuJoCo prints them."""
+    if any(known in msg for known in KNOWN_HARMLESS_MUJOCO_WARNINGS):
+        return
+    import sys
+
+    import mujoco
+
+    print(f"WARNING: {msg}\n", file=sys.stderr, flush=True)
+    mujoco.mju_writeLog("WARNING", msg)
+
+
+def filter_mujoco_warnings() -> None:
+    """Install :func:`_mujoco_warning` as MuJoCo's warning handler (once; MuJoCo not installed: no-op).
+
+    Only the printing changes: the runtime warning counters that :class:`MujocoInstabilityInfo`
+    reads are kept by MuJoCo independently of the handler.
+    """
+    try:
+        import mujoco
+    except ImportError:
+        return
+    if mujoco.get_mju_user_warning() is None:
+        mujoco.set_mju_user_warning(_mujoco_warning)
 
 
 def make_train_env(cfg: Mapping[str, Any]):
     """The training env: ``env.n_envs`` copies, seeded with ``seed``, VecNormalize if asked."""
-    from stable_baselines3.common.env_util import make_vec_env
-    from stable_baselines3.common.vec_env import VecNormalize
-
     env_cfg = cfg["env"]
     check_env_id(env_cfg["id"])
+    filter_mujoco_warnings()
     venv = make_vec_env(env_cfg["id"], n_envs=env_cfg["n_envs"], seed=cfg["seed"],
                         env_kwargs=dict(env_cfg.get("kwargs") or {}),
                         wrapper_class=MujocoInstabilityInfo)
@@ -26,6 +60,17 @@ def make_train_env(cfg: Mapping[str, Any]):
     return venv
 
 
+def make_train_env_checked(c: Mapping[str, Any]):
+    """The training env, after checking the env id and that the agent can act in it."""
+    env = make_train_env(c)
+    try:
+        check_action_space(c["agent"]["cls"], c["env"]["id"], env.action_space)
+    except ConfigError:
+        env.close()
+        raise
+    return env
+
+
 def make_eval_env(cfg: Mapping[str, Any], seed: int | None = None, render_mode: str | None = None):
     """A separate single evaluation env, seeded apart from training (``seed + eval.seed_offset``).
 
@@ -33,10 +78,8 @@ def make_eval_env(cfg: Mapping[str, Any], seed: int | None = None, render_mode: 
     statistics are copied from the training env at each evaluation (SB3's EvalCallback does it)
     or loaded from ``vecnormalize.pkl`` when replaying a saved run.
     """
-    from stable_baselines3.common.env_util import make_vec_env
-    from stable_baselines3.common.vec_env import VecNormalize
-
     env_cfg = cfg["env"]
+    filter_mujoco_warnings()
     if seed is None:
         seed = cfg["seed"] + cfg["eval"]["seed_offset"]
     kwargs = dict(env_cfg.get("kwargs") or {})
@@ -51,8 +94,6 @@ def make_eval_env(cfg: Mapping[str, Any], seed: int | None = None, render_mode: 
 
 def load_normalization(venv, path: Path):
     """Wrap ``venv`` with saved VecNormalize statistics, frozen for evaluation."""
-    from stable_baselines3.common.vec_env import VecNormalize
-
     inner = venv.venv if isinstance(venv, VecNormalize) else venv
     norm = VecNormalize.load(str(path), inner)
     norm.training = False
@@ -108,3 +149,21 @@ class MujocoInstabilityInfo(gym.Wrapper):
             if fired:
                 info = {**info, "mujoco_instability": ",".join(fired)}
         return obs, rew, term, trunc, info
+
+
+class MujocoInstabilityCallback(BaseCallback):
+    """Ends training as ``diverged`` when :class:`MujocoInstabilityInfo` reports the simulation
+    unstable in a training env."""
+
+    def _on_step(self) -> bool:
+        for i, info in enumerate(self.locals.get("infos") or ()):
+            what = info.get("mujoco_instability")
+            if what:
+                reason = f"MuJoCo instability warning ({what}) in training env {i}"
+                mark = getattr(self.model, "_mark_diverged", None)
+                if mark is not None:
+                    mark(reason)
+                else:
+                    self.model.divergence = {"step": int(self.num_timesteps), "reason": reason}
+                return False
+        return True

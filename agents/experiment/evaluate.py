@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from agents.experiment.validation import ConfigError
+from agents.experiment.errors import ConfigError
 
 
 def load_run(run_dir: Path) -> dict:
@@ -28,8 +28,8 @@ def evaluate_run(run_dir: Path, n_episodes: int = 10, deterministic: bool = True
     import torch
     from stable_baselines3.common.evaluation import evaluate_policy
 
+    from agents.experiment.build import agent_class
     from agents.experiment.envs import load_normalization, make_eval_env
-    from agents.experiment.run import agent_class
 
     run_dir = Path(run_dir)
     c = load_run(run_dir)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .results import read_evaluations
+from .results import DONE, RunStatus, read_evaluations
 
 CELL = ["env", "agent", "opt", "lr", "variant"]
 TB_TAGS = ("eval/mean_reward", "rollout/ep_rew_mean")
@@ -127,7 +127,7 @@ def collect(runs: list[dict], source: str, points: int):
 
     rows, curves = [], {}
     for r in runs:
-        if r.get("status") not in ("finished", "diverged"):
+        if r.get("status") not in DONE:
             continue
         c = load_curve(r, source)
         if c is None:
@@ -153,7 +153,7 @@ def collect(runs: list[dict], source: str, points: int):
         base = {k: r.get(k) for k in CELL + ["seed", "status", "run_dir"]}
         c = curves.get(r["run_dir"])
         key = (r["env"], r["agent"])
-        if c is None and r.get("status") == "diverged" and key in grids:
+        if c is None and r.get("status") == RunStatus.DIVERGED and key in grids:
             # diverged before its first evaluation: the floor all along
             y = np.full(len(grids[key]), floor[r["env"]])
             rows.append({**base, "final": float(y[-1]), "auc": float(y.mean()), "curve": y})
@@ -166,7 +166,7 @@ def collect(runs: list[dict], source: str, points: int):
         vals = np.where(np.isfinite(vals), vals, f)
         grid = grids[(r["env"], r["agent"])]
         y = np.interp(grid, steps, vals)
-        if r.get("status") == "diverged":
+        if r.get("status") == RunStatus.DIVERGED:
             div = (r.get("divergence") or {}).get("step")
             cut = float(div) if div is not None else float(steps[-1])
             y = np.where(grid > max(cut, float(steps[-1])) if div is None else grid > cut, f, y)
@@ -179,11 +179,11 @@ def cell_table(df, reps: int, seed: int):
 
     out = []
     for key, g in df.groupby(CELL, sort=True, dropna=False):
-        ok = g[g["status"].isin(["finished", "diverged"]) & g["final"].notna()]
+        ok = g[g["status"].isin([s.value for s in DONE]) & g["final"].notna()]
         row = dict(zip(CELL, key))
-        row.update(runs=len(g), finished=int((g["status"] == "finished").sum()),
-                   diverged=int((g["status"] == "diverged").sum()),
-                   failed=int((g["status"] == "failed").sum()),
+        row.update(runs=len(g), finished=int((g["status"] == RunStatus.FINISHED.value).sum()),
+                   diverged=int((g["status"] == RunStatus.DIVERGED.value).sum()),
+                   failed=int((g["status"] == RunStatus.FAILED.value).sum()),
                    running=int((g["status"] == "running").sum()),
                    seeds=",".join(str(s) for s in sorted(ok["seed"].tolist())))
         if len(ok):
@@ -256,7 +256,7 @@ def plot_curves(df, table, grids, out: Path, reps: int, seed: int) -> Path:
             pt, ci = interval(y, lambda x: iqm(x.reshape(-1, T), 0), reps, seed)
             lab = _label(opt, variant) + (f" (lr={_fmt_lr(g['lr'].iloc[0])})" if multi_lr else "")
             lab += f", n={len(g)}"
-            nd = int((g["status"] == "diverged").sum())
+            nd = int((g["status"] == RunStatus.DIVERGED.value).sum())
             if nd:
                 lab += f", {nd} diverged"
             x = grids[(env, agent)]
@@ -297,7 +297,7 @@ def plot_sensitivity(df, out: Path, reps: int, seed: int) -> Path | None:
                 pts.append(pt[0])
                 los.append(ci[0][0])
                 his.append(ci[1][0])
-                nd = int((gl["status"] == "diverged").sum())
+                nd = int((gl["status"] == RunStatus.DIVERGED.value).sum())
                 if nd:
                     marks.append((lr, pt[0], f"{nd}/{len(gl)}"))
             line, = ax.plot(lrs, pts, marker="o", label=_label(opt, variant))

@@ -8,6 +8,7 @@ import platform
 import socket
 import subprocess
 import time
+from enum import Enum
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,25 @@ from typing import Any
 import numpy as np
 
 RESULT_FILE = "result.json"
-STATUSES = ("running", "finished", "diverged", "failed")
+
+
+class RunStatus(str, Enum):
+    """``result.json``'s ``status`` (a ``str``: it compares and serialises as its value)."""
+
+    RUNNING = "running"  # training, killed or preempted: resumes from its checkpoint
+    FINISHED = "finished"
+    DIVERGED = "diverged"  # NaN/Inf or a MuJoCo instability stopped it
+    FAILED = "failed"  # an error; resumes from its checkpoint too
+    LOCKED = "locked"  # another process holds the run directory (never written to result.json)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: finished or diverged: repeating the command skips the run (``rerun=true`` trains it again)
+DONE = (RunStatus.FINISHED, RunStatus.DIVERGED)
+
+
 _PACKAGES = ("hesscale-rl", "torch", "numpy", "stable-baselines3", "gymnasium", "mujoco",
              "hydra-core", "omegaconf", "hydra-joblib-launcher", "hydra-submitit-launcher")
 REPO_ROOT = Path(__file__).resolve().parents[2]

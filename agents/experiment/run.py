@@ -1,12 +1,14 @@
-"""The Hydra task function: validate, build envs and agent, train, evaluate, write the run directory.
+"""The Hydra task function: validate, then one session of a run (fresh or resumed), then report.
 
 A run directory holds ``config.yaml`` (resolved), ``.hydra/`` (Hydra's own record), ``tb/``
 (TensorBoard events and ``progress.csv``), ``evaluations.npz``, ``model.zip``,
 ``vecnormalize.pkl`` and ``result.json``, and while the run is unfinished ``checkpoints/``
-(see :mod:`agents.experiment.checkpoint`). The task function returns normally when a run fails
+(see :mod:`agents.experiment.resume`). The task function returns normally when a run fails
 or diverges (the status is in ``result.json``), so one bad job never stops a sweep. A run that
 was killed, preempted or failed resumes from its latest checkpoint when the same command is run
-again.
+again (:mod:`agents.experiment.lifecycle`).
+
+Torch-free at import: a configuration error is answered before torch or SB3 load.
 """
 
 from __future__ import annotations
@@ -17,131 +19,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Mapping
 
-from agents.experiment.results import (RESULT_FILE, eval_summary, now_iso, provenance,
-                                       read_result, write_json)
-from agents.experiment.validation import ACTIVATIONS, ConfigError, check_action_space, validate
-
-# SB3's own optimizer for each agent: opt configs equal to these map to ``optimizer=None``.
-_SB3_DEFAULT_OPT = {
-    "PPO": ("adam", {}),
-    "SAC": ("adam", {}),
-    "A2C": ("rmsprop", {"alpha": 0.99, "eps": 1e-5}),
-}
-
-
-def optimizer_spec(c: Mapping[str, Any]) -> dict | None:
-    """The agents' ``optimizer`` dict for a resolved config, or None for SB3's own optimizer.
-
-    ``opt=adam`` (PPO, SAC) and ``opt=rmsprop`` (A2C) with no overrides give None, so those runs
-    are exactly upstream SB3. ``opt=adam`` with A2C gives Adam the way SB3 builds it for A2C with
-    ``optimizer_class=Adam`` (eps=1e-5 from ActorCriticPolicy); the agents merge ``kwargs`` over
-    SB3's defaults for the algorithm.
-    """
-    opt, cls = c["opt"], c["agent"]["cls"]
-    name = opt["optimizer"]
-    kwargs = dict(opt.get("kwargs") or {})
-    scaling = dict(opt["scaling"])
-    default_name, default_kwargs = _SB3_DEFAULT_OPT[cls]
-    if (name == default_name and not scaling["enabled"] and opt.get("max_grad_norm") is None
-            and kwargs in ({}, default_kwargs)):
-        return None
-    spec: dict[str, Any] = {"name": name, "kwargs": kwargs, "scaling": scaling,
-                            "max_grad_norm": opt.get("max_grad_norm")}
-    if opt.get("curvature") is not None:
-        spec["curvature"] = opt["curvature"]
-    if cls == "SAC" and opt.get("actor_curvature") is not None:
-        spec["actor_curvature"] = opt["actor_curvature"]
-    return spec
-
-
-def policy_kwargs(c: Mapping[str, Any]) -> dict:
-    """SB3 ``policy_kwargs`` from the config (activation names mapped to torch.nn classes)."""
-    import torch.nn as nn
-
-    pk = dict(c["agent"].get("policy_kwargs") or {})
-    act = pk.get("activation_fn")
-    if isinstance(act, str):
-        pk["activation_fn"] = getattr(nn, ACTIVATIONS[act.lower()])
-    return pk
-
-
-def agent_class(name: str):
-    import agents
-
-    return getattr(agents, name)
-
-
-def build_model(c: Mapping[str, Any], env, run_dir: Path | None = None):
-    """Instantiate the agent (``agents.PPO`` / ``A2C`` / ``SAC``) for a resolved config."""
-    a = c["agent"]
-    kwargs = dict(a.get("kwargs") or {})
-    if isinstance(kwargs.get("train_freq"), list):
-        kwargs["train_freq"] = tuple(kwargs["train_freq"])
-    cls = agent_class(a["cls"])
-    import hesscale
-
-    try:
-        return cls(a["policy"], env, optimizer=optimizer_spec(c), learning_rate=float(c["opt"]["lr"]),
-                   seed=c["seed"], device=c["device"], verbose=c.get("verbose", 0),
-                   policy_kwargs=policy_kwargs(c), **kwargs)
-    except hesscale.UnsupportedModuleError as e:  # raised while building, before any training
-        raise unsupported_module_error(c, e) from None
-
-
-def unsupported_module_error(c: Mapping[str, Any], e) -> ConfigError:
-    """The CLI's one-line message for a policy module without a HesScale rule."""
-    return ConfigError(
-        f"opt={c['opt']['name']} (curvature={c['opt'].get('curvature')}) cannot train this policy: "
-        + str(e.with_way_out("Use supported modules (agent.policy_kwargs) or a first-order optimizer "
-                             "without scaling (opt=adam)."))
-    )
-
-
-def _eval_callback(c: Mapping[str, Any], eval_env, run_dir: Path):
-    from stable_baselines3.common.callbacks import EvalCallback
-
-    class FinalEvalCallback(EvalCallback):
-        """SB3's EvalCallback plus one evaluation at the end of training (unless just done)."""
-
-        def _on_training_end(self) -> None:
-            done = self.evaluations_timesteps and self.evaluations_timesteps[-1] == self.num_timesteps
-            if done or getattr(self.model, "divergence", None):
-                return
-            freq, self.eval_freq = self.eval_freq, 1
-            try:
-                self._on_step()
-            finally:
-                self.eval_freq = freq
-
-    n_envs = c["env"]["n_envs"]
-    freq = c["eval"]["freq"]
-    return FinalEvalCallback(eval_env, n_eval_episodes=c["eval"]["n_episodes"],
-                             eval_freq=max(freq // n_envs, 1) if freq > 0 else 0,
-                             log_path=str(run_dir), best_model_save_path=None,
-                             deterministic=c["eval"]["deterministic"], render=False, warn=False,
-                             verbose=0)
-
-
-def _instability_callback():
-    from stable_baselines3.common.callbacks import BaseCallback
-
-    class MujocoInstabilityCallback(BaseCallback):
-        """Ends training as ``diverged`` when MuJoCo reports the simulation unstable."""
-
-        def _on_step(self) -> bool:
-            for i, info in enumerate(self.locals.get("infos") or ()):
-                what = info.get("mujoco_instability")
-                if what:
-                    reason = f"MuJoCo instability warning ({what}) in training env {i}"
-                    mark = getattr(self.model, "_mark_diverged", None)
-                    if mark is not None:
-                        mark(reason)
-                    else:
-                        self.model.divergence = {"step": int(self.num_timesteps), "reason": reason}
-                    return False
-            return True
-
-    return MujocoInstabilityCallback()
+from agents.experiment.errors import ConfigError
+from agents.experiment.lifecycle import Session, identity, open_run
+from agents.experiment.results import RESULT_FILE, RunStatus, eval_summary, now_iso, read_result, write_json
+from agents.experiment.validation import validate
 
 
 def labels(c: Mapping[str, Any], override_dirname: str = "") -> dict:
@@ -165,131 +46,55 @@ def train(cfg: Any, run_dir: Path, override_dirname: str = "", progress_bar: boo
     c = validate(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    prev = read_result(run_dir)
-    if prev and prev.get("status") in DONE and not c.get("rerun", False):
-        return {**prev, "skipped": True}
-    lock = _lock(run_dir)
-    if lock is None:
-        return {"status": "locked", "run_dir": str(run_dir), "skipped": True,
-                "error": "another process holds this run directory's lock"}
+    lock, skipped = open_run(c, run_dir)
+    if skipped is not None:
+        return skipped
     import torch
 
-    from agents.experiment.checkpoint import PreemptionGuard
+    from agents.experiment.preemption import PreemptionGuard
 
     threads = torch.get_num_threads()
     try:
         with PreemptionGuard():  # SIGTERM/SIGUSR1 from here on: checkpoint at the next boundary, stop
-            return _train_locked(c, run_dir, override_dirname, progress_bar)
+            torch.set_num_threads(c["threads"])
+            session = Session.begin(c, run_dir, labels(c, override_dirname))
+            return _train_session(session, progress_bar)
     finally:
         lock.close()
         torch.set_num_threads(threads)
 
 
-DONE = ("finished", "diverged")
+def _train_session(session: Session, progress_bar: bool | None) -> dict:
+    """Build or restore envs and agent, learn the remaining steps, evaluate, save, end the session."""
+    from agents.experiment.envs import MujocoInstabilityCallback
+    from agents.experiment.preemption import Preempted
+    from agents.experiment.resume import ResumeCallback
 
-
-def _lock(run_dir: Path):
-    """An exclusive, non-blocking lock on ``run_dir/.lock`` (None if another process holds it)."""
-    f = open(run_dir / ".lock", "a+")
-    try:
-        import fcntl
-
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:  # not POSIX: no locking
-        pass
-    except OSError:
-        f.close()
-        return None
-    return f
-
-
-_OUTPUTS = ("evaluations.npz", "model.zip", "vecnormalize.pkl", "error.txt", RESULT_FILE)
-
-
-def _clear_outputs(run_dir: Path) -> None:
-    import shutil
-
-    shutil.rmtree(run_dir / "tb", ignore_errors=True)
-    for f in _OUTPUTS:
-        (run_dir / f).unlink(missing_ok=True)
-
-
-def _train_locked(c: dict, run_dir: Path, override_dirname: str, progress_bar: bool | None) -> dict:
-    import torch
-    from omegaconf import OmegaConf
-
-    from agents.experiment import checkpoint as ck
-
-    torch.set_num_threads(c["threads"])
-    ckc = c["checkpoint"]
-    store = ck.CheckpointStore(run_dir, keep=ckc["keep"])
-    folder, state = _resume_point(c, run_dir, store)
-    if state is None:
-        _clear_outputs(run_dir)  # a fresh start (nothing to resume, rerun=true, checkpoint.resume=false)
-        store.clear()
-    else:
-        store.cleanup_tmp()
-        (run_dir / "error.txt").unlink(missing_ok=True)  # from a failed session being resumed
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(c)))
-
-    prev = (read_result(run_dir) or {}) if state is not None else {}
-    result: dict[str, Any] = {
-        "status": "running", "run_dir": str(run_dir), **labels(c, override_dirname),
-        "total_timesteps": c["total_timesteps"], "started_at": prev.get("started_at") or now_iso(),
-        "provenance": provenance(c["threads"]),
-    }
-    if state is not None:
-        result["resumed_from"] = [*(prev.get("resumed_from") or []), int(state["step"])]
+    c, run_dir, result = session.c, session.run_dir, session.result
     env = eval_env = model = None
-    t0 = time.perf_counter() - (float(state.get("wall_time_s", 0.0)) if state else 0.0)
+    t0 = time.perf_counter() - session.wall_time_before
     try:
-        from agents.experiment.envs import make_eval_env
-
-        env = make_train_env_checked(c)
-        eval_env = make_eval_env(c)
-        if state is None:
-            model = build_model(c, env, run_dir)
-            logger = ck.make_logger(run_dir / "tb", stdout=bool(c.get("verbose", 0)))
-        else:
-            exact = ck.restore_vec_env(env, state["train_env"])
-            if state.get("eval_env"):
-                ck.restore_vec_env(eval_env, state["eval_env"])
-            model = _load_model(c, folder, env)
-            model._last_obs, last_original, model._last_episode_starts = state["last_obs"]
-            if last_original is not None:
-                model._last_original_obs = last_original
-            if not exact:
-                model._last_obs = None  # SB3 resets the env: the episode in progress is cut
-            logger = ck.make_logger(run_dir / "tb", purge_step=int(state["step"]) + 1,
-                                    csv_rows=state["logger"]["csv_rows"], stdout=bool(c.get("verbose", 0)))
-            print(f"[resume] {run_dir}: resuming from the checkpoint at step {state['step']} "
-                  f"of {c['total_timesteps']}" + ("" if exact else " (env state not captured: its episode "
-                                                  "restarts)"), flush=True)
-        write_json(run_dir / RESULT_FILE, result)
-        model.set_logger(logger)
-        eval_cb = _eval_callback(c, eval_env, run_dir)
-        if state is not None:
-            ck.restore_eval(eval_cb, state.get("eval"), run_dir)
-        resume_cb = ck.ResumeCallback(
-            store, run_dir, ckc["freq"], eval_callback=eval_cb, eval_env=eval_env,
-            resume_state=state,
-            extra=lambda: {"identity": ck.identity(c), "wall_time_s": time.perf_counter() - t0})
+        env, eval_env, model, eval_cb = _open_agent(session)
+        session.write_result()
+        resume_cb = ResumeCallback(
+            session.store, c["checkpoint"]["freq"], eval_callback=eval_cb, eval_env=eval_env,
+            resume_state=session.state,
+            extra=lambda: {"identity": identity(c), "wall_time_s": time.perf_counter() - t0})
         show = c["progress_bar"] if progress_bar is None else progress_bar
-        done = int(model.num_timesteps) if state is not None else 0
-        model.learn(max(c["total_timesteps"] - done, 0),
-                    callback=[resume_cb, _instability_callback(), eval_cb],
-                    progress_bar=bool(show), reset_num_timesteps=state is None)
+        model.learn(max(c["total_timesteps"] - session.start_step, 0),
+                    callback=[resume_cb, MujocoInstabilityCallback(), eval_cb],
+                    progress_bar=bool(show), reset_num_timesteps=not session.resumed)
         div = getattr(model, "divergence", None)
-        result["status"] = "diverged" if div else "finished"
+        result["status"] = RunStatus.DIVERGED if div else RunStatus.FINISHED
         result["divergence"] = div
     except ConfigError:
         raise
-    except ck.Preempted as p:
+    except Preempted as p:
         result["preempted"] = {"step": p.step, "signal": p.__str__().split()[0], "signum": p.signum,
-                               "checkpoint": str(store.latest())}
+                               "checkpoint": str(session.store.latest())}
     except Exception as e:  # noqa: BLE001 - a failed run must not stop the sweep
         div = getattr(model, "divergence", None) if model is not None else None
-        result["status"] = "diverged" if div else "failed"
+        result["status"] = RunStatus.DIVERGED if div else RunStatus.FAILED
         result["divergence"] = div
         result["error"] = f"{type(e).__name__}: {e}"
         (run_dir / "error.txt").write_text(traceback.format_exc())
@@ -313,63 +118,41 @@ def _train_locked(c: dict, run_dir: Path, override_dirname: str, progress_bar: b
                 e.close()
         except Exception:  # noqa: BLE001
             pass
-    write_json(run_dir / RESULT_FILE, result)
-    if result["status"] in DONE and not ckc["keep_when_done"]:
-        store.clear()
-    return result
+    return session.end()
 
 
-def _resume_point(c: dict, run_dir: Path, store) -> tuple[Path | None, dict | None]:
-    """The checkpoint to resume from and its state, or (None, None) for a fresh start."""
-    from agents.experiment import checkpoint as ck
+def _open_agent(session: Session):
+    """``(env, eval_env, model, eval_callback)``: built fresh, or restored from the checkpoint."""
+    from agents.experiment.build import build_model, load_model
+    from agents.experiment.env_state import restore_vec_env
+    from agents.experiment.envs import make_eval_env, make_train_env_checked
+    from agents.experiment.eval_history import eval_callback, restore_eval
+    from agents.experiment.logs import make_logger
+    from agents.experiment.model_state import restore_last_obs
 
-    prev = read_result(run_dir)
-    if not c["checkpoint"]["resume"] or (prev and prev.get("status") in DONE):
-        return None, None  # rerun=true of a finished run, or resuming switched off
-    folder = store.latest()
-    if folder is None:
-        return None, None
-    try:
-        state = ck.load_state(folder)
-    except Exception as e:  # noqa: BLE001 - an unreadable checkpoint: start again
-        print(f"[resume] {run_dir}: checkpoint {folder.name} unreadable ({type(e).__name__}: {e}); "
-              "starting from scratch", file=sys.stderr, flush=True)
-        return None, None
-    if state.get("identity") != ck.identity(c):
-        print(f"[resume] {run_dir}: the checkpoint was written with a different configuration; "
-              "starting from scratch", file=sys.stderr, flush=True)
-        return None, None
-    return folder, state
-
-
-def _load_model(c: Mapping[str, Any], folder: Path, env):
-    """SB3's ``load()`` of a checkpoint (it reseeds; the callback restores the RNG states later)."""
-    from agents.experiment import checkpoint as ck
-
-    cls = agent_class(c["agent"]["cls"])
-    model = cls.load(str(folder / ck.MODEL_FILE), env=env, device=c["device"], force_reset=False)
-    import hesscale
-
-    try:  # load() never checks (a saved model always acts); resuming trains it
-        model.check_curvature_modules()
-    except hesscale.UnsupportedModuleError as e:
-        raise unsupported_module_error(c, e) from None
-    if (folder / ck.BUFFER_FILE).is_file() and hasattr(model, "load_replay_buffer"):
-        model.load_replay_buffer(str(folder / ck.BUFFER_FILE))
-    return model
-
-
-def make_train_env_checked(c: Mapping[str, Any]):
-    """The training env, after checking the env id and that the agent can act in it."""
-    from agents.experiment.envs import make_train_env
-
-    env = make_train_env(c)
-    try:
-        check_action_space(c["agent"]["cls"], c["env"]["id"], env.action_space)
-    except ConfigError:
-        env.close()
-        raise
-    return env
+    c, run_dir, state = session.c, session.run_dir, session.state
+    stdout = bool(c.get("verbose", 0))
+    env = make_train_env_checked(c)
+    eval_env = make_eval_env(c)
+    if state is None:
+        model = build_model(c, env)
+        logger = make_logger(run_dir / "tb", stdout=stdout)
+    else:
+        exact = restore_vec_env(env, state["train_env"])
+        if state.get("eval_env"):
+            restore_vec_env(eval_env, state["eval_env"])
+        model = load_model(c, session.checkpoint, env)
+        restore_last_obs(model, state["last_obs"], exact)
+        logger = make_logger(run_dir / "tb", purge_step=session.start_step + 1,
+                             csv_rows=state["logger"]["csv_rows"], stdout=stdout)
+        print(f"[resume] {run_dir}: resuming from the checkpoint at step {state['step']} "
+              f"of {c['total_timesteps']}" + ("" if exact else " (env state not captured: its episode "
+                                              "restarts)"), flush=True)
+    model.set_logger(logger)
+    eval_cb = eval_callback(c, eval_env, run_dir)
+    if state is not None:
+        restore_eval(eval_cb, state.get("eval"), run_dir)
+    return env, eval_env, model, eval_cb
 
 
 def main_task(cfg: Any) -> dict:
@@ -394,7 +177,7 @@ def main_task(cfg: Any) -> dict:
     except ConfigError as e:
         msg = f"Invalid configuration ({name}):\n  " + str(e).replace("\n", "\n  ")
         print(msg, file=sys.stderr)
-        result = {"status": "failed", "error": f"ConfigError: {e}", "run_dir": str(run_dir)}
+        result = {"status": RunStatus.FAILED, "error": f"ConfigError: {e}", "run_dir": str(run_dir)}
         if (run_dir / RESULT_FILE).exists() or multirun:
             prev = read_result(run_dir) or {}
             write_json(run_dir / RESULT_FILE, {**prev, **result, "finished_at": now_iso()})
@@ -405,19 +188,19 @@ def main_task(cfg: Any) -> dict:
         p = result["preempted"]
         print(f"[preempted] {name}: {p['signal']} -> checkpoint at step {p['step']}; the same command "
               f"resumes it -> {run_dir}", flush=True)
-        from agents.experiment.checkpoint import chain_previous_handler
+        from agents.experiment.preemption import chain_previous_handler
 
         chain_previous_handler(p["signum"])  # submitit: requeue the job (and exit)
         if not multirun:
             raise SystemExit(128 + int(p["signum"]))
         return result
     if result.get("skipped"):
-        why = "locked by another process" if result["status"] == "locked" else \
+        why = "locked by another process" if result["status"] == RunStatus.LOCKED else \
             f"already {result['status']} (rerun=true to train again)"
         print(f"[skip] {name}: {why} -> {run_dir}", flush=True)
         return result
     _print_summary(name, result)
-    if not multirun and result["status"] == "failed":
+    if not multirun and result["status"] == RunStatus.FAILED:
         raise SystemExit(1)
     return result
 
@@ -431,4 +214,4 @@ def _print_summary(name: str, r: dict) -> None:
         line += f"  (diverged at step {r['divergence'].get('step')}: {r['divergence'].get('reason')})"
     if r.get("error"):
         line += f"\n  error: {r['error']}"
-    print(line, file=sys.stderr if r["status"] == "failed" else sys.stdout, flush=True)
+    print(line, file=sys.stderr if r["status"] == RunStatus.FAILED else sys.stdout, flush=True)

@@ -7,41 +7,89 @@ value given and what is allowed; the entry points print it without a Python trac
 from __future__ import annotations
 
 import difflib
-import math
 import re
+from pathlib import Path
 from typing import Any, Mapping
 
-OPTIMIZERS = ("adam", "rmsprop", "sgd", "adahesscale", "adahessian")
-CURVATURES = ("hesscale", "hesscale_gn", "bl89")
-ACTOR_CURVATURES = ("exact", "gn")
-AGENT_CLASSES = ("PPO", "A2C", "SAC")
-ACTIVATIONS = {
-    "relu": "ReLU",
-    "tanh": "Tanh",
-    "sigmoid": "Sigmoid",
-    "elu": "ELU",
-    "leaky_relu": "LeakyReLU",
-    "softplus": "Softplus",
-    "gelu": "GELU",
-    "silu": "SiLU",
-    "selu": "SELU",
-}
+from agents.experiment.build import ACTIVATIONS, optimizer_spec
+from agents.experiment.errors import ConfigError
+from agents.optimizers import (ACTOR_CURVATURE, ALGOS, CURVATURE_METHODS, KWARG_RANGES, MAX_GRAD_NORM_RANGE,
+                               OPTIMIZER_NAMES, SCALING_RANGES, normalize_optimizer_config)
+from agents.ranges import NON_NEGATIVE, POSITIVE, UNIT, Range
 
+AGENT_CLASSES = tuple(a.upper() for a in ALGOS)
 
 # configs/config.yaml's `checkpoint` section (used when a composed config has none)
 CHECKPOINT_DEFAULTS = {"freq": 25000, "keep": 1, "resume": True, "keep_when_done": False}
 
+_COUNT = Range(1, integer=True)
+_INDEX = Range(0, integer=True)
+#: the range of every numeric key that must be present
+RANGES: dict[str, Range] = {
+    "seed": Range(0, 2**32 - 1, integer=True),
+    "total_timesteps": _COUNT,
+    "eval.freq": _INDEX,
+    "eval.n_episodes": _COUNT,
+    "eval.seed_offset": _INDEX,
+    "threads": _COUNT,
+    "opt.lr": POSITIVE,
+    **{f"opt.scaling.{k}": r for k, r in SCALING_RANGES.items()},
+    "env.n_envs": _COUNT,
+    "env.clip_obs": POSITIVE,
+}
+CHECKPOINT_RANGES: dict[str, Range] = {"checkpoint.freq": _INDEX, "checkpoint.keep": _COUNT}
+#: keys that may be null
+NULLABLE_RANGES: dict[str, Range] = {"opt.max_grad_norm": MAX_GRAD_NORM_RANGE}
+#: keys that may be absent (SB3's or the optimizer's default then applies)
+OPTIONAL_RANGES: dict[str, Range] = {
+    **{f"agent.kwargs.{k}": _COUNT for k in ("n_steps", "batch_size", "n_epochs", "buffer_size", "gradient_steps")},
+    "agent.kwargs.learning_starts": _INDEX,
+    "agent.kwargs.gamma": UNIT,
+    "agent.kwargs.gae_lambda": UNIT,
+    "agent.kwargs.ent_coef": NON_NEGATIVE,
+    "agent.kwargs.vf_coef": NON_NEGATIVE,
+    "agent.kwargs.max_grad_norm": POSITIVE,
+    "agent.kwargs.clip_range": POSITIVE,
+    **{f"opt.kwargs.{k}": r for k, r in KWARG_RANGES.items() if k != "betas"},
+}
+AUTO_KEYS = ("agent.kwargs.ent_coef", "agent.kwargs.vf_coef")  # SAC's "auto" / "auto_0.1"
+#: key -> (allowed values, whether null is allowed)
+CHOICES: dict[str, tuple[tuple, bool]] = {
+    "opt.optimizer": (OPTIMIZER_NAMES, False),
+    "opt.curvature": (CURVATURE_METHODS, True),
+    "opt.actor_curvature": (ACTOR_CURVATURE, True),
+    "agent.cls": (AGENT_CLASSES, False),
+}
+#: the schema every ``configs/opt/*.yaml`` starts from: its keys, their types and defaults
+OPT_SCHEMA = Path(__file__).resolve().parents[2] / "configs" / "opt" / "schema" / "base.yaml"
 
-class ConfigError(ValueError):
-    """A user error in the configuration (bad value, unknown key, incompatible choice)."""
+
+def schema_leaves(path: Path = OPT_SCHEMA, prefix: str = "opt") -> dict[str, Any]:
+    """``{"opt.scaling.delta": 1e-08, ...}``: the schema's leaf keys and their (unresolved) defaults."""
+    from omegaconf import OmegaConf
+
+    def walk(node: Any, key: str) -> dict[str, Any]:
+        if isinstance(node, dict) and node:
+            return {k: v for name, child in node.items() for k, v in walk(child, f"{key}.{name}").items()}
+        return {key: node}
+
+    return walk(OmegaConf.to_container(OmegaConf.load(path), resolve=False), prefix)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+#: booleans: the opt schema's (its default is true or false) and these
+BOOLEANS = ("eval.deterministic", "progress_bar", "env.normalize",
+            *(k for k, v in schema_leaves().items() if isinstance(v, bool)))
+CHECKPOINT_BOOLEANS = ("checkpoint.resume", "checkpoint.keep_when_done")
+#: keys the runner sets itself; ``agent.kwargs.<key>`` is refused
+RUNNER_KEYS = ("seed", "tensorboard_log", "policy_kwargs", "device", "verbose", "env", "policy")
 
 
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+class _Missing:
+    def __repr__(self) -> str:
+        return "(missing)"
+
+
+_MISSING = _Missing()
 
 
 class _Checker:
@@ -49,38 +97,18 @@ class _Checker:
         self.errors: list[str] = []
 
     def fail(self, key: str, value: Any, allowed: str) -> None:
-        self.errors.append(f"{key}={value!r} is not allowed: {allowed}")
+        if value is _MISSING:
+            self.errors.append(f"{key} is missing: {allowed}")
+        else:
+            self.errors.append(f"{key}={value!r} is not allowed: {allowed}")
 
-    def int_range(self, cfg: Mapping, key: str, lo: int | None = None, hi: int | None = None,
-                  optional: bool = False) -> None:
+    def in_range(self, cfg: Mapping, key: str, allowed: Range, nullable: bool = False,
+                 optional: bool = False) -> None:
         v = _get(cfg, key)
-        if v is None and optional:
+        if (v is None and nullable) or (v is _MISSING and optional):
             return
-        if not _is_int(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
-            bounds = []
-            if lo is not None:
-                bounds.append(f">= {lo}")
-            if hi is not None:
-                bounds.append(f"<= {hi}")
-            self.fail(key, v, "expected an integer " + " and ".join(bounds))
-
-    def num_range(self, cfg: Mapping, key: str, lo: float | None = None, hi: float | None = None,
-                  lo_open: bool = False, hi_open: bool = False, optional: bool = False) -> None:
-        v = _get(cfg, key)
-        if v is None and optional:
-            return
-        ok = _is_num(v) and math.isfinite(v)
-        if ok and lo is not None:
-            ok = v > lo if lo_open else v >= lo
-        if ok and hi is not None:
-            ok = v < hi if hi_open else v <= hi
-        if not ok:
-            bounds = []
-            if lo is not None:
-                bounds.append(("> " if lo_open else ">= ") + f"{lo:g}")
-            if hi is not None:
-                bounds.append(("< " if hi_open else "<= ") + f"{hi:g}")
-            self.fail(key, v, "expected a finite number " + " and ".join(bounds))
+        if v not in allowed:
+            self.fail(key, v, "expected " + allowed.expected())
 
     def choice(self, cfg: Mapping, key: str, allowed: tuple, optional: bool = False) -> None:
         v = _get(cfg, key)
@@ -94,9 +122,6 @@ class _Checker:
         v = _get(cfg, key)
         if not isinstance(v, bool):
             self.fail(key, v, "expected true or false")
-
-
-_MISSING = object()
 
 
 def _get(cfg: Mapping, dotted: str) -> Any:
@@ -135,87 +160,56 @@ def validate(cfg: Any) -> dict:
         if not isinstance(c.get(top), Mapping):
             raise ConfigError(f"{top}: missing config section (is the config directory complete?)")
 
-    ck.int_range(c, "seed", lo=0, hi=2**32 - 1)
-    ck.int_range(c, "total_timesteps", lo=1)
-    ck.int_range(c, "eval.freq", lo=0)
-    ck.int_range(c, "eval.n_episodes", lo=1)
-    ck.int_range(c, "eval.seed_offset", lo=0)
-    ck.boolean(c, "eval.deterministic")
-    ck.int_range(c, "threads", lo=1)
-    ck.boolean(c, "progress_bar")
+    for key, allowed in RANGES.items():
+        ck.in_range(c, key, allowed)
+    for key, allowed in NULLABLE_RANGES.items():
+        ck.in_range(c, key, allowed, nullable=True)
+    for key, allowed in OPTIONAL_RANGES.items():
+        if not (key in AUTO_KEYS and str(_get(c, key)).startswith("auto")):
+            ck.in_range(c, key, allowed, optional=True)
+    for key in BOOLEANS:
+        ck.boolean(c, key)
     if "checkpoint" not in c:  # a config composed before checkpoints existed: their defaults
         c["checkpoint"] = dict(CHECKPOINT_DEFAULTS)
     if not isinstance(c.get("checkpoint"), Mapping):
         ck.fail("checkpoint", c.get("checkpoint"), "expected a mapping {freq, keep, resume, keep_when_done}")
     else:
-        ck.int_range(c, "checkpoint.freq", lo=0)
-        ck.int_range(c, "checkpoint.keep", lo=1)
-        ck.boolean(c, "checkpoint.resume")
-        ck.boolean(c, "checkpoint.keep_when_done")
+        for key, allowed in CHECKPOINT_RANGES.items():
+            ck.in_range(c, key, allowed)
+        for key in CHECKPOINT_BOOLEANS:
+            ck.boolean(c, key)
     dev = _get(c, "device")
     if not (isinstance(dev, str) and re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", dev)):
         ck.fail("device", dev, "expected cpu, auto, cuda, cuda:N or mps")
 
     # optimizer
-    ck.num_range(c, "opt.lr", lo=0.0, lo_open=True)
-    ck.choice(c, "opt.optimizer", OPTIMIZERS)
-    ck.choice(c, "opt.curvature", CURVATURES, optional=True)
-    ck.choice(c, "opt.actor_curvature", ACTOR_CURVATURES, optional=True)
-    ck.boolean(c, "opt.scaling.enabled")
-    ck.num_range(c, "opt.scaling.delta", lo=0.0, lo_open=True)
-    ck.num_range(c, "opt.scaling.max_scale", lo=0.0, lo_open=True)
-    ck.num_range(c, "opt.scaling.beta", lo=0.0, hi=1.0, hi_open=True)
-    ck.num_range(c, "opt.max_grad_norm", lo=0.0, lo_open=True, optional=True)
+    for key, (allowed, nullable) in CHOICES.items():
+        ck.choice(c, key, allowed, optional=nullable)
     kw = _get(c, "opt.kwargs")
     if not isinstance(kw, Mapping):
         ck.fail("opt.kwargs", kw, "expected a mapping of optimizer hyperparameters")
     else:
         if "lr" in kw:
             ck.fail("opt.kwargs.lr", kw["lr"], "the learning rate is set with opt.lr only")
-        if "eps" in kw:
-            ck.num_range(c, "opt.kwargs.eps", lo=0.0, lo_open=True)
-        for k in ("weight_decay", "momentum"):
-            if k in kw:
-                ck.num_range(c, f"opt.kwargs.{k}", lo=0.0)
-        if "alpha" in kw:
-            ck.num_range(c, "opt.kwargs.alpha", lo=0.0, hi=1.0)
         if "betas" in kw:
-            b = kw["betas"]
-            if not (isinstance(b, (list, tuple)) and len(b) == 2
-                    and all(_is_num(x) and 0 <= x < 1 for x in b)):
-                ck.fail("opt.kwargs.betas", b, "expected two numbers in [0, 1)")
+            b, allowed = kw["betas"], KWARG_RANGES["betas"]
+            if not (isinstance(b, (list, tuple)) and len(b) == 2 and all(x in allowed for x in b)):
+                ck.fail("opt.kwargs.betas", b, f"expected two numbers, each {allowed.expected()}")
     if (_get(c, "opt.scaling.enabled") is True and _get(c, "opt.curvature") is None):
         ck.fail("opt.curvature", None, "step-size scaling needs a curvature method: "
-                + ", ".join(CURVATURES))
+                + ", ".join(CURVATURE_METHODS))
     if _get(c, "opt.optimizer") == "adahesscale" and _get(c, "opt.curvature") is None:
-        ck.fail("opt.curvature", None, "adahesscale needs a curvature method: " + ", ".join(CURVATURES))
+        ck.fail("opt.curvature", None, "adahesscale needs a curvature method: " + ", ".join(CURVATURE_METHODS))
 
     # agent
-    ck.choice(c, "agent.cls", AGENT_CLASSES)
     akw = _get(c, "agent.kwargs")
     if isinstance(akw, Mapping):
         if "learning_rate" in akw:
             ck.fail("agent.kwargs.learning_rate", akw["learning_rate"],
                     "the learning rate is set with opt.lr only")
-        for k in ("seed", "tensorboard_log", "policy_kwargs", "device", "verbose", "env", "policy"):
+        for k in RUNNER_KEYS:
             if k in akw:
                 ck.fail(f"agent.kwargs.{k}", akw[k], f"set by the runner (use the top-level key or agent.{k})")
-        for k in ("n_steps", "batch_size", "n_epochs", "buffer_size", "gradient_steps"):
-            if k in akw:
-                ck.int_range(c, f"agent.kwargs.{k}", lo=1)
-        if "learning_starts" in akw:
-            ck.int_range(c, "agent.kwargs.learning_starts", lo=0)
-        if "gamma" in akw:
-            ck.num_range(c, "agent.kwargs.gamma", lo=0.0, hi=1.0)
-        if "gae_lambda" in akw:
-            ck.num_range(c, "agent.kwargs.gae_lambda", lo=0.0, hi=1.0)
-        for k in ("ent_coef", "vf_coef"):
-            if k in akw and akw[k] != "auto" and not str(akw[k]).startswith("auto"):
-                ck.num_range(c, f"agent.kwargs.{k}", lo=0.0)
-        if "max_grad_norm" in akw:
-            ck.num_range(c, "agent.kwargs.max_grad_norm", lo=0.0, lo_open=True)
-        if "clip_range" in akw:
-            ck.num_range(c, "agent.kwargs.clip_range", lo=0.0, lo_open=True)
     else:
         ck.fail("agent.kwargs", akw, "expected a mapping of SB3 constructor arguments")
     pk = _get(c, "agent.policy_kwargs")
@@ -230,14 +224,11 @@ def validate(cfg: Any) -> dict:
     # env
     if not isinstance(_get(c, "env.id"), str):
         ck.fail("env.id", _get(c, "env.id"), "expected a Gymnasium environment id")
-    ck.int_range(c, "env.n_envs", lo=1)
-    ck.boolean(c, "env.normalize")
-    ck.num_range(c, "env.clip_obs", lo=0.0, lo_open=True)
 
-    if not ck.errors:  # the slower checks (import SB3 / torch) only once the values are sane
-        _check_sb3_keys(ck, _get(c, "agent.cls"), akw)
     if not ck.errors:
         _check_with_agents(ck, c)
+    if not ck.errors:  # the one check that imports SB3 (and torch), once the values are sane
+        _check_sb3_keys(ck, _get(c, "agent.cls"), akw)
     if ck.errors:
         raise ConfigError("\n".join(ck.errors))
     return c
@@ -245,9 +236,6 @@ def validate(cfg: Any) -> dict:
 
 def _check_with_agents(ck: _Checker, c: dict) -> None:
     """Let the agents' own optimizer-config validation speak, attributed to ``opt``."""
-    from agents.experiment.run import optimizer_spec
-    from agents.optimizers import normalize_optimizer_config
-
     spec = optimizer_spec(c)
     try:
         normalize_optimizer_config(spec, c["agent"]["cls"].lower())
