@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install test test-all train bench clean
+.PHONY: install test test-slow test-all train bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,6 +15,10 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the long tests left out of `make test` (@pytest.mark.slow); `make test test-slow` = `make test-all`
+test-slow: install
+	$(PY) -m pytest $(PYTEST_ARGS) -m slow
 
 test-all: install
 	$(PY) -m pytest $(PYTEST_ARGS) -m ""

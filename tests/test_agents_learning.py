@@ -39,6 +39,7 @@ def learn_cartpole(optimizer, seed: int) -> float:
     return float(callback.best_mean_reward)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_ppo_scaled_adahesscale_learns_cartpole(seed):
     th.set_num_threads(1)

@@ -26,6 +26,7 @@ def _run(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Completed
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_multirun_report_evaluate(tmp_path: Path):
     out = tmp_path / "runs"
     p = _run([TRAIN, "-m", "agent=ppo", "opt=adam,hesscale", "seed=0,1", *TINY, f"out_dir={out}",
@@ -79,6 +80,7 @@ def test_multirun_report_evaluate(tmp_path: Path):
     assert bad.returncode == 2 and "not a run directory" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_divergence_does_not_stop_the_sweep(tmp_path: Path):
     """An absurd learning rate diverges; the other job still finishes; exit code 0."""
     p = _run([TRAIN, "-m", "agent=ppo", "opt=sgd", "opt.lr=1e5,3e-4", "env=pendulum", "total_timesteps=200",

@@ -141,7 +141,7 @@ def reference(tmp_path_factory):
     # PPO: checkpoint at 400, logs at 600 written after it, killed at 700 -> those are dropped
     ("ppo", "step:700", ["checkpoint.freq=400"]),
     # SAC: checkpoints every 200 steps (at step boundaries), killed at 500
-    ("sac", "step:500", []),
+    pytest.param("sac", "step:500", [], marks=pytest.mark.slow),
 ])
 def test_sigkill_then_rerun_resumes_and_equals_uninterrupted(tmp_path: Path, reference, agent: str,
                                                              pause: str, extra: list[str]):

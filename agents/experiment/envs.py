@@ -15,10 +15,42 @@ from agents.experiment.errors import ConfigError
 from agents.experiment.validation import check_action_space, check_env_id
 
 
+# MuJoCo compiler notices that are known to be harmless here: Gymnasium 1.4's own model files set
+# the deprecated `settotalmass` (HalfCheetah, Ant, ...), printed at every model load.
+KNOWN_HARMLESS_MUJOCO_WARNINGS = ("compiler attribute 'settotalmass' is deprecated",)
+
+
+def _mujoco_warning(msg: str) -> None:
+    """MuJoCo's warning handler without the known-harmless notices; the rest as MuJoCo prints them."""
+    if any(known in msg for known in KNOWN_HARMLESS_MUJOCO_WARNINGS):
+        return
+    import sys
+
+    import mujoco
+
+    print(f"WARNING: {msg}\n", file=sys.stderr, flush=True)
+    mujoco.mju_writeLog("WARNING", msg)
+
+
+def filter_mujoco_warnings() -> None:
+    """Install :func:`_mujoco_warning` as MuJoCo's warning handler (once; MuJoCo not installed: no-op).
+
+    Only the printing changes: the runtime warning counters that :class:`MujocoInstabilityInfo`
+    reads are kept by MuJoCo independently of the handler.
+    """
+    try:
+        import mujoco
+    except ImportError:
+        return
+    if mujoco.get_mju_user_warning() is None:
+        mujoco.set_mju_user_warning(_mujoco_warning)
+
+
 def make_train_env(cfg: Mapping[str, Any]):
     """The training env: ``env.n_envs`` copies, seeded with ``seed``, VecNormalize if asked."""
     env_cfg = cfg["env"]
     check_env_id(env_cfg["id"])
+    filter_mujoco_warnings()
     venv = make_vec_env(env_cfg["id"], n_envs=env_cfg["n_envs"], seed=cfg["seed"],
                         env_kwargs=dict(env_cfg.get("kwargs") or {}),
                         wrapper_class=MujocoInstabilityInfo)
@@ -47,6 +79,7 @@ def make_eval_env(cfg: Mapping[str, Any], seed: int | None = None, render_mode: 
     or loaded from ``vecnormalize.pkl`` when replaying a saved run.
     """
     env_cfg = cfg["env"]
+    filter_mujoco_warnings()
     if seed is None:
         seed = cfg["seed"] + cfg["eval"]["seed_offset"]
     kwargs = dict(env_cfg.get("kwargs") or {})
