@@ -10,7 +10,7 @@ from reference import exact_diag_by_double_backward, hesscale_recursion
 TOL = dict(rtol=1e-10, atol=1e-10)
 
 ACTIVATIONS = [
-    nn.Tanh(), nn.Sigmoid(), nn.ReLU(), nn.LeakyReLU(0.1), nn.ELU(alpha=0.7), nn.SELU(),
+    nn.Tanh(), nn.Sigmoid(), nn.ReLU(), nn.LeakyReLU(0.1), nn.Hardtanh(-0.5, 0.7), nn.ELU(alpha=0.7), nn.SELU(),
     nn.Softplus(beta=2.0, threshold=1.0), nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh"),
     nn.Identity(), nn.ReLU(inplace=True), nn.ELU(inplace=True), nn.LeakyReLU(0.2, inplace=True),
     nn.SELU(inplace=True), nn.SiLU(inplace=True),
@@ -195,7 +195,11 @@ def test_unsupported_module_is_named_before_forward():
         hesscale.capture(model)
 
 
-def test_register_rule_for_a_custom_activation(float64):
+def test_register_rule_for_a_custom_activation(float64, monkeypatch):
+    import hesscale.rules.registry as registry
+
+    monkeypatch.setattr(registry, "_RULES", dict(registry._RULES))  # the registration ends with the test
+
     class Cube(nn.Module):
         def forward(self, x):
             return x**3
