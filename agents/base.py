@@ -1,13 +1,16 @@
 """What A2C, PPO and SAC share: the optimizer dict, the choice of update path, divergence handling.
 
 :class:`CurvatureAgentMixin` sits in front of an SB3 algorithm class (``class PPO(CurvatureAgentMixin,
-sb3.PPO)``) and touches SB3 at four narrow points only:
+sb3.PPO)``) and touches SB3 at five narrow points only:
 
 * ``__init__``: validates the ``optimizer`` dict and, for a first-order optimizer, hands it to SB3
-  through ``policy_kwargs`` (so SB3 builds it exactly as it would);
+  through ``policy_kwargs`` (so SB3 builds it exactly as it would); SB3 gets copies of the dicts
+  and lists it is given (it writes into some), so one ``policy_kwargs`` dict builds many agents;
 * ``_setup_model``: after SB3's own setup, replaces the optimizer(s) by the curvature optimizer(s)
   and builds one :class:`~agents.second_order.CurvatureUpdate` per optimizer (this also runs on
   ``load()``, before SB3 restores the optimizer state);
+* ``_setup_learn`` (and the end of ``__init__``, but not ``load()``): every captured module has a
+  HesScale rule, else an error naming it (``features_extractor.bn``) and the way out;
 * ``train``: SB3's ``train()`` for first-order optimizers, the subclass's ``_train_curvature()``
   otherwise; both under divergence handling;
 * ``collect_rollouts``: stops ``learn()`` cleanly once the run has diverged, and turns a NaN
@@ -24,6 +27,16 @@ from hesscale.optim._common import all_finite
 
 from .divergence import Diverged, is_divergence_error, log
 from .optimizers import first_order_policy_kwargs, normalize_optimizer_config, uses_curvature
+
+
+def own_containers(value: Any) -> Any:
+    """``value`` with every dict and list in it copied (recursively); other objects (classes,
+    callables, spaces, tensors) are shared as they are."""
+    if isinstance(value, dict):
+        return {k: own_containers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [own_containers(v) for v in value]
+    return value
 
 
 class CurvatureAgentMixin:
@@ -45,6 +58,9 @@ class CurvatureAgentMixin:
         """``optimizer``: the dict of :mod:`agents.optimizers`. ``force_curvature_path=True`` runs the
         curvature path's ``train()`` even for a first-order optimizer without scaling: a reference
         route (with plain Adam it reproduces SB3's own ``train()`` to float rounding)."""
+        # SB3 writes into some of the dicts it is given (A2C: policy_kwargs["optimizer_class"]):
+        # it gets copies, so the caller's dicts can build the next agent unchanged.
+        kwargs = {key: own_containers(value) for key, value in kwargs.items()}
         if optimizer is None and self._algo == "a2c" and kwargs.get("use_rms_prop") is False:
             optimizer = {"name": "adam"}  # what SB3 builds then; keeps optimizer_config truthful
         config = normalize_optimizer_config(optimizer, self._algo)
@@ -64,6 +80,7 @@ class CurvatureAgentMixin:
         self._updates: dict = {}
         self.force_curvature_path = bool(force_curvature_path)
         super().__init__(policy, env, *args, **kwargs)
+        self.check_curvature_modules()  # not on load(): a saved model always loads and acts
 
     # -- setup --------------------------------------------------------------------------------
     @property
@@ -86,6 +103,25 @@ class CurvatureAgentMixin:
 
     def _setup_curvature(self) -> None:  # pragma: no cover - each algorithm implements it
         raise NotImplementedError
+
+    def check_curvature_modules(self) -> None:
+        """Raise :class:`hesscale.UnsupportedModuleError` (path in the policy, type, supported types,
+        way out) if a captured module has no HesScale rule; runs at construction and ``learn()``."""
+        from hesscale import UnsupportedModuleError
+
+        try:
+            for update in self._updates.values():
+                update.check_modules()
+        except UnsupportedModuleError as exc:
+            raise exc.with_way_out(
+                f"{type(self).__name__} with the curvature optimizer {self.optimizer_config['name']!r} "
+                "needs a rule for every module it trains: register one with hesscale.register_rule(type, "
+                "rule), or use a first-order optimizer without scaling (optimizer={'name': 'adam'})."
+            ) from None
+
+    def _setup_learn(self, *args: Any, **kwargs: Any) -> Any:
+        self.check_curvature_modules()
+        return super()._setup_learn(*args, **kwargs)  # type: ignore[misc]
 
     def _excluded_save_params(self) -> list[str]:
         return super()._excluded_save_params() + ["_updates"]  # type: ignore[misc]

@@ -12,7 +12,7 @@ from torch import nn
 from .base import CurvatureAgentMixin
 from .optimizers import build_optimizer
 from .policy_hessians import gaussian_log_prob_hessians
-from .second_order import CurvatureUpdate
+from .second_order import CurvatureUpdate, named_in
 
 
 def _params(module: nn.Module | None) -> list[nn.Parameter]:
@@ -95,7 +95,7 @@ class OnPolicyCurvatureMixin(CurvatureAgentMixin):
         self._updates = {
             "policy": CurvatureUpdate(
                 optimizer,
-                actor_critic_modules(policy),
+                named_in(policy, actor_critic_modules(policy)),
                 leaf_params=[] if self._gaussian_heads else log_std,
                 method=cfg["curvature"],
                 max_grad_norm=cfg["max_grad_norm"],

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from .base import CurvatureAgentMixin
 from .optimizers import build_optimizer
 from .policy_hessians import sac_actor_head_hessians
-from .second_order import CurvatureUpdate
+from .second_order import CurvatureUpdate, named_in
 
 
 def _has_params(module: th.nn.Module) -> bool:
@@ -72,8 +72,12 @@ class SAC(CurvatureAgentMixin, SB3SAC):
 
         common = dict(method=cfg["curvature"], max_grad_norm=cfg["max_grad_norm"], create_graph=create_graph)
         self._updates = {
-            "actor": CurvatureUpdate(self.actor.optimizer, actor_modules, clip_params=actor_params, **common),
-            "critic": CurvatureUpdate(self.critic.optimizer, critic_modules, clip_params=critic_params, **common),
+            "actor": CurvatureUpdate(
+                self.actor.optimizer, named_in(self.policy, actor_modules), clip_params=actor_params, **common
+            ),
+            "critic": CurvatureUpdate(
+                self.critic.optimizer, named_in(self.policy, critic_modules), clip_params=critic_params, **common
+            ),
         }
 
     def _stopped_rollout(self) -> RolloutReturn:

@@ -38,13 +38,24 @@ from torch import nn
 from .divergence import Diverged
 
 
+def named_in(root: nn.Module, modules: Iterable[nn.Module]) -> dict[str, nn.Module]:
+    """``{attribute path in root: module}`` for submodules of ``root`` (``features_extractor``)."""
+    paths = {id(m): name for name, m in root.named_modules()}
+    missing = [type(m).__name__ for m in modules if id(m) not in paths]
+    if missing:
+        raise ValueError(f"not submodules of the {type(root).__name__}: {', '.join(missing)}")
+    return {paths[id(m)]: m for m in modules}
+
+
 class CurvatureUpdate:
     """Gradient + Hessian diagonal + optimizer step for the parameters of one optimizer.
 
     Args:
         optimizer: a torch optimizer over named param groups (``group["name"]``); may be a
             ``hesscale.optim.StepSizeScaling`` wrapper.
-        modules: the modules to capture (their leaf modules need HesScale rules).
+        modules: the modules to capture, best as ``{attribute path: module}`` (see
+            :func:`named_in`) so that errors name them as the model does; their leaf modules need
+            HesScale rules, checked by :meth:`check_modules` or on the first :meth:`capture`.
         leaf_params: parameters read directly by the loss (SB3's state-independent ``log_std``).
         method: ``"hesscale"``, ``"hesscale_gn"`` or ``"bl89"``.
         max_grad_norm: clip the global gradient norm of ``clip_params`` before the step
@@ -57,7 +68,7 @@ class CurvatureUpdate:
     def __init__(
         self,
         optimizer: th.optim.Optimizer,
-        modules: Sequence[nn.Module],
+        modules: Sequence[nn.Module] | Mapping[str, nn.Module],
         leaf_params: Iterable[nn.Parameter] = (),
         method: str = "hesscale",
         max_grad_norm: float | None = None,
@@ -65,7 +76,7 @@ class CurvatureUpdate:
         clip_params: Iterable[nn.Parameter] | None = None,
     ) -> None:
         self.optimizer = optimizer
-        self.modules = list(modules)
+        self.modules = dict(modules) if isinstance(modules, Mapping) else list(modules)
         self.leaf_params = list(leaf_params)
         self.method = method
         self.max_grad_norm = max_grad_norm
@@ -74,18 +85,25 @@ class CurvatureUpdate:
         self.clip_params = list(clip_params) if clip_params is not None else self.params
         self.group_names = [str(g.get("name", i)) for i, g in enumerate(optimizer.param_groups)]
         self._capture = None
-        if not create_graph:
+        self._reset_stats()
+
+    def check_modules(self) -> None:
+        """Build the capture (once; re-entered for every update, entering resets its record).
+
+        Raises :class:`hesscale.UnsupportedModuleError`, naming the module's path and type, for a
+        module without a rule. Deferred to here so that a model can be built (``load()``) and act
+        without one.
+        """
+        if self._capture is None and not self.create_graph:
             import hesscale
 
-            # Built once (UnsupportedModuleError, naming path and type, is raised here) and
-            # re-entered for every update: entering resets its record.
-            self._capture = hesscale.capture(self.modules, leaf_params=self.leaf_params, method=method)
-        self._reset_stats()
+            self._capture = hesscale.capture(self.modules, leaf_params=self.leaf_params, method=self.method)
 
     # -- one update ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def capture(self) -> Iterator[object | None]:
         """Record the forward of the captured modules (a no-op in AdaHessian mode)."""
+        self.check_modules()
         if self._capture is None:
             yield None
             return

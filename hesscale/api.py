@@ -1,7 +1,7 @@
 """``hessian_diagonal``: one call from a model, a loss and a batch to ``param.hess_diag``."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 from torch import Tensor, nn
 
@@ -30,7 +30,11 @@ def hessian_diagonal(
     equal to HesScale); reference comparators ``"exact"`` and ``"ggn"`` (at most
     ``comparators.MAX_EXACT_PARAMS`` parameters unless ``max_params=`` is given), ``"ggn_mc"``
     (MSE / cross-entropy only) and ``"hutchinson"`` (both take ``samples=``, ``generator=``).
-    Sweep methods accept ``per_sample=True``.
+    Sweep methods accept ``per_sample=True`` and ``modules=``: submodules of ``model`` (objects or
+    attribute paths such as ``"encoder.0"``) to capture instead of the whole model; only their
+    parameters get ``hess_diag`` (the rest of the model counts as loss: its curvature reaches the
+    captured modules exactly, by autograd, and nothing passes upstream of them), every parameter
+    gets ``.grad``. Use it to leave out a module without a rule.
     """
     if method in SWEEP_METHODS:
         return _sweep(model, loss_fn, inputs, targets, method, **method_kwargs)
@@ -44,13 +48,32 @@ def hessian_diagonal(
     return diags
 
 
-def _sweep(model, loss_fn, inputs, targets, method, per_sample: bool = False):
-    with capture(model, method=method, per_sample=per_sample) as cap:
+def _captured_subset(model: nn.Module, modules: Iterable[nn.Module | str]) -> dict[str, nn.Module]:
+    """``{attribute path: submodule}`` for ``modules`` given as submodules or paths of ``model``."""
+    paths = {id(m): name for name, m in model.named_modules()}
+    named = {}
+    for m in modules:
+        if isinstance(m, str):
+            named[m] = model.get_submodule(m)  # AttributeError naming the missing attribute
+        elif id(m) in paths:
+            named[paths[id(m)]] = m
+        else:
+            raise ValueError(f"modules: {type(m).__name__} object is not a submodule of the model")
+    if not named:
+        raise ValueError("modules: capture at least one submodule (None captures the whole model)")
+    return named
+
+
+def _sweep(model, loss_fn, inputs, targets, method, per_sample: bool = False, modules=None):
+    captured = model if modules is None else _captured_subset(model, modules)
+    with capture(captured, method=method, per_sample=per_sample) as cap:
         output = model(inputs)
         loss = call_loss(loss_fn, output, targets)
     closed = closed_form_output_diag(loss_fn, output, targets, elementwise_softmax=method == "bl89")
     if method == "bl89" and isinstance(loss_fn, nn.CrossEntropyLoss) and closed is None:
         raise ValueError("bl89 supports nn.CrossEntropyLoss with class-index targets, 2-D logits, no weight and no label smoothing")
     given = {output: closed} if closed is not None and cap.is_captured_output(output) else None
-    cap.backward(loss, output_hessians=given)
-    return {name: p.hess_diag for name, p in model.named_parameters() if hasattr(p, "hess_diag") and p.hess_diag is not None}
+    roots = [model] if modules is None else list(captured.values())
+    params = {id(p) for root in roots for p in root.parameters()}
+    cap.backward(loss, output_hessians=given, external_grads=modules is not None)
+    return {name: p.hess_diag for name, p in model.named_parameters() if id(p) in params and getattr(p, "hess_diag", None) is not None}

@@ -44,11 +44,22 @@ class _Call:
     g_out: Tensor | None = None
 
 
-def _leaf_modules(roots: Sequence[nn.Module]) -> list[tuple[str, nn.Module]]:
+def _named_roots(modules: nn.Module | Iterable[nn.Module] | Mapping[str, nn.Module]) -> list[tuple[str, nn.Module]]:
+    """``(path prefix, root)`` pairs: a mapping's keys, else ``""`` for one root, ``[r]`` for several."""
+    if isinstance(modules, Mapping):
+        named = list(modules.items())
+    else:
+        roots = [modules] if isinstance(modules, nn.Module) else list(modules)
+        named = [("" if len(roots) == 1 else f"[{r}]", root) for r, root in enumerate(roots)]
+    if not named or not all(isinstance(m, nn.Module) for _, m in named):
+        raise TypeError("capture() needs an nn.Module, a non-empty iterable of nn.Modules or a {path: nn.Module} mapping")
+    return named
+
+
+def _leaf_modules(roots: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
     seen: set[int] = set()
     leaves = []
-    for r, root in enumerate(roots):
-        prefix = "" if len(roots) == 1 else f"[{r}]"
+    for prefix, root in roots:
         for path, module in root.named_modules(prefix=prefix):
             if id(module) in seen or next(module.children(), None) is not None:
                 continue
@@ -79,8 +90,9 @@ class capture:
 
     Args:
         modules: a module or modules whose leaf modules are recorded; each leaf needs a rule
-            (:func:`hesscale.register_rule`), otherwise :class:`UnsupportedModuleError` is raised
-            here, before any forward.
+            (:func:`hesscale.register_rule`), otherwise :class:`UnsupportedModuleError`, naming
+            the leaf's path, is raised here, before any forward. A ``{path: module}`` mapping
+            names the roots (errors then say ``features_extractor.bn``, not ``[0].bn``).
         leaf_params: parameters the loss reads directly (SB3's ``log_std``); their diagonal is
             exact, by autograd. Direct parameters of non-leaf captured modules are added
             automatically.
@@ -104,12 +116,11 @@ class capture:
     ):
         if method not in SWEEP_METHODS:
             raise ValueError(f"method={method!r} is not a sweep method; valid: {', '.join(SWEEP_METHODS)}")
-        roots = [modules] if isinstance(modules, nn.Module) else list(modules)
-        if not roots or not all(isinstance(m, nn.Module) for m in roots):
-            raise TypeError("capture() needs an nn.Module or a non-empty iterable of nn.Modules")
+        named_roots = _named_roots(modules)
+        roots = [m for _, m in named_roots]
         self.method = method
         self.per_sample = per_sample
-        self._leaves = [(path, module, rule_for(module, path)) for path, module in _leaf_modules(roots)]
+        self._leaves = [(path, module, rule_for(module, path)) for path, module in _leaf_modules(named_roots)]
         module_params = [p for _, m, _ in self._leaves for p in m.parameters(recurse=False)]
         owned = {id(p) for p in module_params}
         leaf = []
@@ -148,7 +159,7 @@ class capture:
             producer = self._alias_index.get(id(x))
             if producer is not None:
                 x = self._calls[producer].y  # captured consumers read the real output
-            elif x.grad_fn is not None and not self._warned_outside_edge:
+            elif x.grad_fn is not None and self._calls and not self._warned_outside_edge:
                 self._warned_outside_edge = True
                 warnings.warn(
                     f"captured module {path!r} reads a tensor made by non-module operations on "

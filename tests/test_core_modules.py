@@ -94,6 +94,31 @@ def test_conv_and_pooling_equal_reference_recursion(float64, name):
         torch.testing.assert_close(ours[k], ref[k], **TOL)
 
 
+RESHAPE_AND_POOL_CHAINS = {
+    "unflatten": (lambda: nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Unflatten(1, (2, 4)),
+                                        nn.Conv1d(2, 2, 2), nn.Flatten(), nn.Linear(6, 3)), (4, 6)),
+    "adaptive_avg_pool1d": (lambda: nn.Sequential(nn.Conv1d(2, 3, 2), nn.Tanh(), nn.AdaptiveAvgPool1d(3),
+                                                  nn.Flatten(), nn.Linear(9, 3)), (3, 2, 6)),
+    "adaptive_avg_pool3d": (lambda: nn.Sequential(nn.Conv2d(2, 2, 2), nn.Tanh(), nn.Unflatten(1, (1, 2)),
+                                                  nn.AdaptiveAvgPool3d((1, 2, 3)), nn.Flatten(), nn.Linear(6, 3)),
+                            (3, 2, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("name", RESHAPE_AND_POOL_CHAINS)
+def test_unflatten_and_adaptive_pools_equal_reference_recursion(float64, name):
+    """Unflatten, AdaptiveAvgPool1d and AdaptiveAvgPool3d (5 → 3 and 4 → 2 windows overlap)."""
+    torch.manual_seed(10)
+    build, shape = RESHAPE_AND_POOL_CHAINS[name]
+    model = build()
+    x, y = torch.randn(*shape), torch.randint(0, 3, (shape[0],))
+    ours = hesscale.hessian_diagonal(model, nn.CrossEntropyLoss(), x, y)
+    ref = hesscale_recursion(model, nn.CrossEntropyLoss(), x, y)
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], **TOL)
+
+
 def test_avgpool_uses_squared_kernel(float64):
     """The per-input diagonal behind an average pool is d_out/k², not d_out/k."""
     pool = nn.AvgPool2d(2)

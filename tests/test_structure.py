@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,22 @@ print("loaded:", sorted(m for m in ("torch", "stable_baselines3", "gymnasium") i
     assert p.returncode == 0, p.stderr
     assert "opt.curvature='hessian'" in p.stdout and "agent.kwargs.gamma=2" in p.stdout, p.stdout
     assert "loaded: []" in p.stdout, p.stdout
+
+
+def _without_reference_test(type_names: list[str]) -> list[str]:
+    """Those of ``type_names`` that no test comparing against an independent reference
+    (``tests/reference.py``, BackPACK) builds as ``nn.<Type>(...)``."""
+    sources = [f.read_text() for f in sorted((ROOT / "tests").rglob("test_*.py"))]
+    reference_tests = [s for s in sources if re.search(r"^from (reference|backpack)\b|^import backpack", s, re.M)]
+    assert len(reference_tests) >= 3
+    return [name for name in type_names if not any(re.search(rf"\bnn\.{name}\(", s) for s in reference_tests)]
+
+
+def test_every_rule_in_the_registry_has_a_reference_test():
+    """The list of module types tested against references is the rule registry's: a new rule
+    whose module type no reference test builds fails here."""
+    import hesscale
+
+    assert _without_reference_test(["Linear", "NoSuchModule"]) == ["NoSuchModule"]
+    untested = _without_reference_test(hesscale.supported_types())
+    assert not untested, f"rules without a reference test: {untested}"

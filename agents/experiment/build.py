@@ -90,9 +90,16 @@ def build_model(c: Mapping[str, Any], env):
             seed=c["seed"], device=c["device"], verbose=c.get("verbose", 0),
             policy_kwargs=policy_kwargs(c), **kwargs)
     except hesscale.UnsupportedModuleError as e:  # raised while building, before any training
-        raise ConfigError(f"opt={c['opt']['name']} (curvature={c['opt'].get('curvature')}) cannot use this "
-                          f"policy: {e} Use a supported module (agent.policy_kwargs) or a first-order "
-                          "optimizer without scaling.") from None
+        raise unsupported_module_error(c, e) from None
+
+
+def unsupported_module_error(c: Mapping[str, Any], e) -> ConfigError:
+    """The one-line message for a policy module without a HesScale rule (``e``: the core's error)."""
+    return ConfigError(
+        f"opt={c['opt']['name']} (curvature={c['opt'].get('curvature')}) cannot train this policy: "
+        + str(e.with_way_out("Use supported modules (agent.policy_kwargs) or a first-order optimizer "
+                             "without scaling (opt=adam)."))
+    )
 
 
 def load_model(c: Mapping[str, Any], folder: Path, env):
@@ -105,4 +112,10 @@ def load_model(c: Mapping[str, Any], folder: Path, env):
                                                  force_reset=False)
     if (folder / BUFFER_FILE).is_file() and hasattr(model, "load_replay_buffer"):
         model.load_replay_buffer(str(folder / BUFFER_FILE))
+    import hesscale
+
+    try:  # load() itself never checks (a saved model always acts); resuming trains it
+        model.check_curvature_modules()
+    except hesscale.UnsupportedModuleError as e:
+        raise unsupported_module_error(c, e) from None
     return model

@@ -106,12 +106,7 @@ def _train_session(session: Session, progress_bar: bool | None) -> dict:
                    "env_steps_per_s": round(steps / wall, 2) if wall > 0 else None,
                    "finished_at": now_iso(), **eval_summary(run_dir)})
     if model is not None and c.get("save_model", True) and "preempted" not in result:
-        try:
-            model.save(str(run_dir / "model.zip"))
-            if env is not None and hasattr(env, "save") and c["env"]["normalize"]:
-                env.save(str(run_dir / "vecnormalize.pkl"))
-        except Exception as e:  # noqa: BLE001
-            result.setdefault("error", f"saving failed: {type(e).__name__}: {e}")
+        _save_outputs(session, model, env)
     for e in (env, eval_env):
         try:
             if e is not None:
@@ -119,6 +114,16 @@ def _train_session(session: Session, progress_bar: bool | None) -> dict:
         except Exception:  # noqa: BLE001
             pass
     return session.end()
+
+
+def _save_outputs(session: Session, model, env) -> None:
+    """``model.zip`` and ``vecnormalize.pkl``; a failure is recorded in the result, not raised."""
+    try:
+        model.save(str(session.run_dir / "model.zip"))
+        if env is not None and hasattr(env, "save") and session.c["env"]["normalize"]:
+            env.save(str(session.run_dir / "vecnormalize.pkl"))
+    except Exception as e:  # noqa: BLE001
+        session.result.setdefault("error", f"saving failed: {type(e).__name__}: {e}")
 
 
 def _open_agent(session: Session):

@@ -41,8 +41,33 @@ _REJECTED = {
 }
 
 
+CORE_WAY_OUT = (
+    "Add one with hesscale.register_rule(type, rule), or capture fewer modules "
+    "(hessian_diagonal(..., modules=[...]))."
+)
+
+
 class UnsupportedModuleError(TypeError):
-    """A module inside a captured set has no HesScale rule."""
+    """A module inside a captured set has no HesScale rule.
+
+    The message names the module's attribute ``path``, its type, the supported types and a way
+    out; callers with another way out (the agents: a first-order optimizer) use
+    :meth:`with_way_out`.
+    """
+
+    def __init__(self, path: str, module_type: type, way_out: str = CORE_WAY_OUT):
+        self.path, self.module_type, self.way_out = path, module_type, way_out
+        reason = _REJECTED.get(f"{module_type.__module__}.{module_type.__qualname__}")
+        super().__init__(
+            f"module {path or '<root>'!r} of type {module_type.__name__} has no HesScale rule"
+            f"{f' ({reason})' if reason else ''}. Supported: {', '.join(supported_types())}. {way_out}"
+        )
+
+    def with_way_out(self, way_out: str) -> "UnsupportedModuleError":
+        return UnsupportedModuleError(self.path, self.module_type, way_out)
+
+    def __reduce__(self):  # picklable (multiprocessing launchers) despite the custom signature
+        return type(self), (self.path, self.module_type, self.way_out)
 
 
 def register_rule(module_type: type[nn.Module], rule: Rule) -> None:
@@ -67,12 +92,5 @@ def rule_for(module: nn.Module, path: str) -> Rule:
     """The rule of ``module`` (found at ``path``), or an error naming the supported types."""
     rule = _RULES.get(type(module))
     if rule is None:
-        kind = type(module)
-        reason = _REJECTED.get(f"{kind.__module__}.{kind.__qualname__}")
-        raise UnsupportedModuleError(
-            f"module {path or '<root>'!r} of type {kind.__name__} has no HesScale rule"
-            f"{f' ({reason})' if reason else ''}. "
-            f"Supported: {', '.join(supported_types())}. "
-            "Add one with hesscale.register_rule(type, rule), or capture fewer modules."
-        )
+        raise UnsupportedModuleError(path, type(module))
     return rule
