@@ -24,4 +24,6 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
-    main()
+    from agents.experiment.cli import run_hydra_main
+
+    run_hydra_main(main)  # every configuration error (Hydra's included): one message, exit code 2

@@ -1,9 +1,11 @@
 """Multi-seed report of a sweep directory: learning curves, step-size sensitivity, tables.
 
-``python scripts/report.py <sweep dir> [--out DIR] [--reps 2000] [--source auto|eval|tb]``
+``python scripts/report.py <sweep dir> [--out DIR] [--reps 2000] [--source auto|eval|tb|train]``
 
 Reads every run below the directory (``result.json`` + ``evaluations.npz``, or the TensorBoard
-events through tbparse) and writes into ``<sweep dir>/report/``:
+events through tbparse) and writes into ``<sweep dir>/report/``. Runs with one or two evaluation
+points are warned about; when all are that sparse, the training-episode returns
+(``rollout/ep_rew_mean``) are used if denser (:func:`sparse_fallback`).
 
 * ``curves.png`` -- evaluation return vs env steps, IQM over seeds with 95% stratified-bootstrap
   bands (rliable), one panel per (env, agent), one line per optimizer (at its best learning rate
@@ -23,70 +25,16 @@ runs still running are left out and counted.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .results import DONE, RunStatus, read_evaluations
+from .report_runs import find_runs, load_curve, sparse_fallback
+from .results import DONE, RunStatus
 
 CELL = ["env", "agent", "opt", "lr", "variant"]
-TB_TAGS = ("eval/mean_reward", "rollout/ep_rew_mean")
-
-
-# ----------------------------------------------------------------------------- reading runs
-def find_runs(root: Path) -> list[dict]:
-    """Every run (``result.json``) below ``root``, with its directory in ``run_dir``."""
-    runs = []
-    for p in sorted(Path(root).rglob("result.json")):
-        if any(part.startswith(".") for part in p.relative_to(root).parts[:-1]):
-            continue
-        try:
-            r = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if not all(k in r for k in ("env", "agent", "opt", "lr", "seed")):
-            continue  # e.g. a config error before anything was built
-        r["run_dir"] = str(p.parent)
-        r.setdefault("variant", "")
-        runs.append(r)
-    return runs
-
-
-def _curve_eval(run_dir: Path):
-    evaluations = read_evaluations(run_dir)
-    if evaluations is None:
-        return None
-    steps, results = evaluations
-    return steps, results.mean(axis=1)
-
-
-def _curve_tb(run_dir: Path):
-    tb = run_dir / "tb"
-    if not tb.is_dir():
-        return None
-    from tbparse import SummaryReader
-
-    df = SummaryReader(str(tb)).scalars
-    if df is None or len(df) == 0:
-        return None
-    for tag in TB_TAGS:
-        sub = df[df["tag"] == tag].sort_values("step").drop_duplicates("step", keep="last")
-        if len(sub):
-            return sub["step"].to_numpy(float), sub["value"].to_numpy(float)
-    return None
-
-
-def load_curve(run: dict, source: str = "auto"):
-    """(steps, mean evaluation return) of one run; ``source`` eval, tb or auto (eval, then tb)."""
-    d = Path(run["run_dir"])
-    if source == "eval":
-        return _curve_eval(d)
-    if source == "tb":
-        return _curve_tb(d)
-    return _curve_eval(d) or _curve_tb(d)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -121,8 +69,10 @@ def _label(opt: str, variant: str) -> str:
     return f"{opt} [{variant}]" if variant else opt
 
 
-def collect(runs: list[dict], source: str, points: int):
-    """Per-run curves on a common step grid per (env, agent); final and averaged returns."""
+def collect(runs: list[dict], source: str, points: int, notes: list[str] | None = None):
+    """Per-run curves on a common step grid per (env, agent); final and averaged returns.
+
+    ``notes`` collects the warnings of :func:`sparse_fallback` (``source="auto"``)."""
     import pandas as pd
 
     rows, curves = [], {}
@@ -133,6 +83,10 @@ def collect(runs: list[dict], source: str, points: int):
         if c is None:
             continue
         curves[r["run_dir"]] = c
+    if source == "auto":
+        curves, found = sparse_fallback(curves, runs)
+        if notes is not None:
+            notes.extend(found)
     # floors (worst finite return seen in the env) and grids
     by_env: dict[str, list[float]] = {}
     span: dict[tuple, float] = {}
@@ -333,13 +287,15 @@ def make_report(root: Path, out: Path | None = None, reps: int = 2000, source: s
         raise FileNotFoundError(f"{root}: no runs found (no result.json below it)")
     out = Path(out) if out is not None else root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    df, grids, _ = collect(runs, source, points)
+    notes: list[str] = []
+    df, grids, _ = collect(runs, source, points, notes)
     table = cell_table(df, reps, seed)
     cols = [c for c in table.columns]
     table[cols].to_csv(out / "table.csv", index=False)
     (out / "table.md").write_text(_markdown(table))
     paths: dict[str, Any] = {"table_csv": out / "table.csv", "table_md": out / "table.md",
-                             "curves": None, "sensitivity": None, "table": table, "runs": len(runs)}
+                             "curves": None, "sensitivity": None, "table": table, "runs": len(runs),
+                             "warnings": notes}
     if grids and df["curve"].notna().any():
         paths["curves"] = plot_curves(df, table, grids, out, reps, seed)
     paths["sensitivity"] = plot_sensitivity(df, out, reps, seed)
@@ -351,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("sweep_dir", type=Path)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: <sweep dir>/report)")
     p.add_argument("--reps", type=int, default=2000, help="bootstrap repetitions (rliable)")
-    p.add_argument("--source", choices=["auto", "eval", "tb"], default="auto",
-                   help="evaluations.npz (eval), TensorBoard events via tbparse (tb), or eval then tb")
+    p.add_argument("--source", choices=["auto", "eval", "tb", "train"], default="auto",
+                   help="evaluations.npz (eval), TensorBoard events via tbparse (tb), training-episode "
+                        "returns (train), or eval then tb, with train when every run has <= 2 evaluations")
     p.add_argument("--points", type=int, default=100, help="points of the common step grid")
     p.add_argument("--seed", type=int, default=0, help="bootstrap random seed")
     a = p.parse_args(argv)
@@ -367,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for w in r["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
     t = r["table"]
     print(f"{r['runs']} runs, {len(t)} cells, {int(t['diverged'].sum())} diverged, "
           f"{int(t['failed'].sum())} failed")

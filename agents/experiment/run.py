@@ -176,6 +176,7 @@ def main_task(cfg: Any) -> dict:
     run_dir = Path(hc.runtime.output_dir)
     name = f"{hc.runtime.choices.get('agent')}/{hc.runtime.choices.get('opt')}/" \
            f"{hc.runtime.choices.get('env')} seed={cfg.get('seed')}"
+    print(f"[run] {name} -> {run_dir}", flush=True)
     try:
         result = train(cfg, run_dir, override_dirname=hc.job.override_dirname,
                        progress_bar=False if multirun else None)
