@@ -61,8 +61,12 @@ class SAC(CurvatureAgentMixin, SB3SAC):
         actor_modules = [actor.latent_pi, actor.mu] + ([] if self.use_sde else [actor.log_std])
         if _has_params(actor.features_extractor):
             actor_modules.insert(0, actor.features_extractor)
-        gn = cfg["actor_curvature"] == "gn"
-        actor_leaf = [actor.log_std] if self.use_sde and not gn else []  # "gn": closed form instead
+        dist = actor.action_dist
+        # The closed forms (``"gn"``): gSDE with SB3's default ``full_std`` and ``exp`` only; else autograd.
+        self._actor_gn = cfg["actor_curvature"] == "gn" and not create_graph and (
+            not self.use_sde or (dist.full_std and not dist.use_expln)
+        )
+        actor_leaf = [actor.log_std] if self.use_sde and not self._actor_gn else []
 
         if critic.share_features_extractor:
             critic_params = [p for n, p in critic.named_parameters() if "features_extractor" not in n]
@@ -133,7 +137,7 @@ class SAC(CurvatureAgentMixin, SB3SAC):
     def _train_curvature(self, gradient_steps: int, batch_size: int = 64) -> None:
         """Upstream ``SAC.train()`` (SB3 2.9.2) with the two optimisation blocks replaced."""
         actor_update, critic_update = self._updates["actor"], self._updates["critic"]
-        gn = self.optimizer_config["actor_curvature"] == "gn" and not actor_update.create_graph
+        gn = self._actor_gn
         self.policy.set_training_mode(True)
         optimizers = [self.actor.optimizer, self.critic.optimizer]
         if self.ent_coef_optimizer is not None:

@@ -52,7 +52,9 @@ def _named_roots(modules: nn.Module | Iterable[nn.Module] | Mapping[str, nn.Modu
         roots = [modules] if isinstance(modules, nn.Module) else list(modules)
         named = [("" if len(roots) == 1 else f"[{r}]", root) for r, root in enumerate(roots)]
     if not named or not all(isinstance(m, nn.Module) for _, m in named):
-        raise TypeError("capture() needs an nn.Module, a non-empty iterable of nn.Modules or a {path: nn.Module} mapping")
+        raise TypeError(
+            "capture() needs an nn.Module, a non-empty iterable of nn.Modules or a {path: nn.Module} mapping"
+        )
     return named
 
 
