@@ -18,6 +18,8 @@ exactly the outside part.
 """
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -42,6 +44,18 @@ class _Call:
     alias: Tensor  # what the forward code received
     producer: int | None  # index of the call whose output is ``x``
     g_out: Tensor | None = None
+
+
+_INTERNAL_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+
+
+def _caller_stacklevel() -> int:
+    """``stacklevel`` of the first frame outside torch and hesscale: the line whose forward code
+    called the module (a warning then points there, not into ``nn.Module.__call__``)."""
+    frame, level = sys._getframe(2), 2  # level 1: the hook that calls this and warns
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _named_roots(modules: nn.Module | Iterable[nn.Module] | Mapping[str, nn.Module]) -> list[tuple[str, nn.Module]]:
@@ -168,7 +182,7 @@ class capture:
                     "captured outputs; that part is treated as loss and differentiated exactly "
                     "(one Hessian-vector product per feature). Wrap such operations in a module "
                     "with a rule to keep the sweep cheap.",
-                    stacklevel=2,
+                    stacklevel=_caller_stacklevel(),
                 )
             self._pending.setdefault(id(module), []).append((x, producer))
             return (x.clone() if getattr(module, "inplace", False) else x,)

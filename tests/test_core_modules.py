@@ -1,4 +1,6 @@
 """Every supported module type, fan-out, in-place, per-sample, errors and custom rules."""
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -234,3 +236,15 @@ def test_outside_parameters_are_left_alone(float64):
         loss = critic(torch.tanh(actor(x))).square().mean()
     cap.backward(loss, external_grads=True)
     assert critic.weight.grad is not None
+
+
+def test_outside_operation_warning_names_the_module_and_points_at_the_callers_line():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    with pytest.warns(UserWarning, match=r"captured module '1' reads a tensor made by non-module") as record:
+        with hesscale.capture(model) as cap:
+            h = model[0](x) * 2.0
+            out = model[1](h)  # the warning's line
+    cap.backward(out.square().mean())
+    (w,) = [w for w in record if "non-module" in str(w.message)]
+    assert w.filename == __file__ and "model[1](h)" in Path(__file__).read_text().splitlines()[w.lineno - 1]
