@@ -178,7 +178,9 @@ def test_batch_norm_eval_mode_is_exact_before_a_diagonal_loss(float64, two_d):
     bn.running_var.uniform_(0.5, 2)
     nn.init.uniform_(bn.weight, 0.5, 1.5)
     model.eval()
-    assert_exact(model, nn.MSELoss(), x, torch.randn_like(model(x)))
+    ref = assert_exact(model, nn.MSELoss(), x, torch.randn_like(model(x)), per_sample=True)
+    assert bn.weight.hess_diag_per_sample.shape == (x.shape[0], bn.num_features)
+    torch.testing.assert_close(bn.weight.hess_diag_per_sample.sum(0), ref["1.weight"], **TOL)
 
 
 def test_embedding_is_exact_when_indices_are_distinct_per_sample(float64):
