@@ -2,6 +2,9 @@
 
 ``scripts/train.py`` runs its ``@hydra.main`` function through :func:`run_hydra_main`:
 
+Ctrl-C is a preemption here too (:func:`~agents.experiment.preemption.install_interrupt_handler`):
+the runs checkpoint and the process exits 130.
+
 1. :func:`normalize_overrides`: ``tuned=null`` (what Hydra users write for an optional group) becomes
    ``~tuned``, which Hydra's defaults list understands (it rejects a null group override);
 2. Hydra reports its own errors by raising them (``HYDRA_FULL_ERROR``) instead of printing them and
@@ -110,8 +113,13 @@ def run_hydra_main(main: Callable[[], Any], argv: list[str] | None = None) -> No
     ours = "HYDRA_FULL_ERROR" not in os.environ
     if ours:
         os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing and exiting 1
+    from agents.experiment.preemption import install_interrupt_handler, preemption_requested
+
+    install_interrupt_handler()  # Ctrl-C: every running job checkpoints; a second one exits at once
     try:
         main()
+        if preemption_requested() is not None:  # a multirun interrupted by Ctrl-C (single runs exit in the task)
+            raise SystemExit(128 + int(preemption_requested()))
     except Exception as ex:  # noqa: BLE001 - sorted into config errors (2) and the rest (1)
         import traceback
 
