@@ -47,7 +47,7 @@ def explain(ex: BaseException) -> str | None:
         m = re.search(r"Could not override '([^']+)'", str(ex))
         if m and "not in struct" in str(ex.__cause__) + str(ex):
             key = m.group(1)
-            return f"{key}: no such key{nearest_key(key, known_tree())}"
+            return f"{key}: unknown key{nearest_key(key, known_tree())}"
         cause = f": {ex.__cause__}" if ex.__cause__ is not None else ""
         return f"{ex}{cause}".strip()
     if isinstance(ex, (OverrideParseException, OmegaConfBaseException)):
