@@ -94,11 +94,6 @@ class CurvatureAgentMixin:
         super()._setup_model()  # type: ignore[misc]
         self._updates = {}
         if self.uses_curvature:
-            if getattr(self, "use_sde", False):
-                raise ValueError(
-                    f"{type(self).__name__}: gSDE (use_sde=True) is not supported with curvature optimizers; "
-                    "use a first-order optimizer or use_sde=False"
-                )
             self._setup_curvature()
 
     def _setup_curvature(self) -> None:  # pragma: no cover - each algorithm implements it

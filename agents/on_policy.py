@@ -6,12 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch as th
-from stable_baselines3.common.distributions import DiagGaussianDistribution
+from stable_baselines3.common.distributions import DiagGaussianDistribution, StateDependentNoiseDistribution
 from torch import nn
 
 from .base import CurvatureAgentMixin
 from .optimizers import build_optimizer
-from .policy_hessians import gaussian_log_prob_hessians
+from .policy_hessians import gaussian_log_prob_hessians, gsde_log_prob_hessians
 from .second_order import CurvatureUpdate, named_in
 
 
@@ -71,6 +71,18 @@ def actor_critic_modules(policy: nn.Module) -> list[nn.Module]:
     return modules
 
 
+def has_closed_form_heads(dist) -> bool:
+    """Whether :mod:`agents.policy_hessians` has the head Hessians of ``dist`` in closed form: SB3's
+    diagonal Gaussian, and gSDE as PPO/A2C build it (``full_std``, no ``expln``, no squashing,
+    detached latent); other distributions take the core's autograd route."""
+    if type(dist) is DiagGaussianDistribution:
+        return True
+    return (
+        type(dist) is StateDependentNoiseDistribution
+        and dist.full_std and not dist.use_expln and dist.bijector is None and not dist.learn_features
+    )
+
+
 class OnPolicyCurvatureMixin(CurvatureAgentMixin):
     """PPO/A2C: replace ``policy.optimizer`` by the curvature optimizer over named groups.
 
@@ -90,7 +102,7 @@ class OnPolicyCurvatureMixin(CurvatureAgentMixin):
         groups = actor_critic_groups(policy)
         optimizer = build_optimizer(cfg, groups, lr=self.lr_schedule(1), algo=self._algo, rms_prop_eps=self._rms_prop_eps)
         policy.optimizer = optimizer  # SB3 saves/loads and schedules `policy.optimizer`
-        self._gaussian_heads = self.closed_form_heads and type(policy.action_dist) is DiagGaussianDistribution
+        self._gaussian_heads = self.closed_form_heads and has_closed_form_heads(policy.action_dist)
         log_std = [g["params"][0] for g in groups if g["name"] == "log_std"]
         self._updates = {
             "policy": CurvatureUpdate(
@@ -109,6 +121,9 @@ class OnPolicyCurvatureMixin(CurvatureAgentMixin):
         recorded by ``cap`` (``None`` unless the closed forms apply)."""
         if cap is None or not self._gaussian_heads:
             return None
+        dist = self.policy.action_dist
+        if isinstance(dist, StateDependentNoiseDistribution):  # read before the next forward replaces it
+            self._gsde_variance = dist.distribution.variance.detach()
         return cap.outputs(self.policy.action_net)[-1], cap.outputs(self.policy.value_net)[-1]
 
     def _head_hessians(self, heads, actions, dl, d2l, value_h) -> dict:
@@ -116,7 +131,14 @@ class OnPolicyCurvatureMixin(CurvatureAgentMixin):
         if heads is None:
             return {}
         mean_actions, values = heads
-        h_mean, h_log_std = gaussian_log_prob_hessians(mean_actions, self.policy.log_std, actions, dl, d2l)
+        dist = self.policy.action_dist
+        if isinstance(dist, StateDependentNoiseDistribution):
+            h_mean, h_log_std = gsde_log_prob_hessians(
+                mean_actions, self._gsde_variance, dist._latent_sde, self.policy.log_std, actions, dl, d2l,
+                entropy_weight=-self.ent_coef / actions.shape[0],
+            )
+        else:
+            h_mean, h_log_std = gaussian_log_prob_hessians(mean_actions, self.policy.log_std, actions, dl, d2l)
         return {
             "output_hessians": {mean_actions: h_mean, values: value_h},
             "leaf_hessians": {self.policy.log_std: h_log_std},

@@ -32,6 +32,45 @@ def gaussian_log_prob_hessians(
     return h_mean, h_log_std
 
 
+def gsde_log_prob_hessians(
+    mean_actions: th.Tensor,
+    variance: th.Tensor,
+    latent: th.Tensor,
+    log_std: th.Tensor,
+    actions: th.Tensor,
+    dl: th.Tensor,
+    d2l: th.Tensor,
+    entropy_weight: float,
+) -> tuple[th.Tensor, th.Tensor]:
+    """``(H_mean [N, A], H_log_std [K, A])`` for ``Σ_n ℓ_n(log π(a_n)) + w·Σ_n H_n`` under gSDE.
+
+    SB3's ``StateDependentNoiseDistribution`` (``full_std``, no ``expln``, no squashing, detached
+    latent ``z [N, K]`` as PPO/A2C use it) has per-sample variances ``v_nj = Σ_k z_nk² σ_kj² + ε``,
+    ``σ = exp(log_std)`` a ``[K, A]`` matrix. With ``u_nkj = z_nk² σ_kj²`` (``∂v/∂L_kj = 2u``,
+    ``∂²v/∂L_kj² = 4u``), ``log π = Σ_j f(v_j)``, ``f = −d²/(2v) − ½ log v``, entropy
+    ``H = Σ_j ½ log(2πe·v_j)``::
+
+        f'  = d²/(2v²) − 1/(2v)        f''  = −d²/v³ + 1/(2v²)        H' = 1/(2v)   H'' = −1/(2v²)
+        ∂²/∂L_kj² = Σ_n 4u²·(ℓ''·f'² + ℓ'·f'' + w·H'') + 4u·(ℓ'·f' + w·H')
+        H_mean    = (ℓ''·d²/v − ℓ')/v
+
+    exact, in O(N·K·A) (an autograd diagonal would take one Hessian-vector product per entry).
+    ``dl``, ``d2l``: ``[N]``; ``entropy_weight``: the coefficient ``w`` of each sample's entropy.
+    """
+    with th.no_grad():
+        d2 = (actions - mean_actions) ** 2
+        dl, d2l = dl.reshape(-1, 1), d2l.reshape(-1, 1)
+        f1 = d2 / (2 * variance**2) - 1 / (2 * variance)
+        f2 = -d2 / variance**3 + 1 / (2 * variance**2)
+        quadratic = 4 * (d2l * f1**2 + dl * f2 - entropy_weight / (2 * variance**2))
+        linear = 4 * (dl * f1 + entropy_weight / (2 * variance))
+        std2 = th.exp(2 * log_std)
+        z2 = latent.detach() ** 2
+        h_log_std = std2**2 * (z2**2).t().mm(quadratic) + std2 * z2.t().mm(linear)
+        h_mean = (d2l * d2 / variance - dl) / variance
+    return h_mean, h_log_std
+
+
 def ppo_surrogate_dl(advantages: th.Tensor, ratio: th.Tensor, clip_range: float) -> th.Tensor:
     """``∂ℓ_n/∂log π_n`` (= ``∂²ℓ_n/∂log π_n²``) of ``ℓ = −mean min(A·r, A·clip(r))``.
 
@@ -92,15 +131,7 @@ def sac_actor_head_hessians(
     """
     with th.no_grad():
         n = mean_actions.shape[0]
-        t = actions.detach()
-        s = 1.0 - t * t
-        sd = s + epsilon
-        f1 = 2.0 * t * s / sd
-        f2 = 2.0 * s * (s - 2.0 * t * t) / sd + 4.0 * t * t * s * s / (sd * sd)
-        alpha = ent_coef.detach().reshape(-1)[0] if th.is_tensor(ent_coef) else float(ent_coef)
-        g = dq_da.detach()
-        phi1 = alpha * f1 - g * s
-        phi2 = alpha * f2 + 2.0 * g * t * s
+        phi1, phi2 = _squashed_phi_derivatives(actions, dq_da, _alpha(ent_coef), epsilon)
         sigma_eps = gaussian_actions.detach() - mean_actions.detach()
         raw = log_std_raw.detach()
         lo, hi = log_std_bounds
@@ -108,3 +139,74 @@ def sac_actor_head_hessians(
         h_mu = phi2 / n
         h_log_std = mask * (phi2 * sigma_eps * sigma_eps + phi1 * sigma_eps) / n
     return h_mu, h_log_std
+
+
+def _alpha(ent_coef: th.Tensor | float) -> float | th.Tensor:
+    return ent_coef.detach().reshape(-1)[0] if th.is_tensor(ent_coef) else float(ent_coef)
+
+
+def _squashed_phi_derivatives(actions: th.Tensor, dq_da: th.Tensor, alpha, epsilon: float):
+    """``(φ', φ'')`` of ``φ(u) = α·f(u) − Q(tanh u)`` per entry, the critic linearised in the action
+    (see :func:`sac_actor_head_hessians`)."""
+    t = actions.detach()
+    s = 1.0 - t * t
+    sd = s + epsilon
+    f1 = 2.0 * t * s / sd
+    f2 = 2.0 * s * (s - 2.0 * t * t) / sd + 4.0 * t * t * s * s / (sd * sd)
+    g = dq_da.detach()
+    return alpha * f1 - g * s, alpha * f2 + 2.0 * g * t * s
+
+
+def sac_gsde_hessians(
+    latent: th.Tensor,
+    log_std: th.Tensor,
+    exploration_mat: th.Tensor,
+    variance: th.Tensor,
+    actions: th.Tensor,
+    dq_da: th.Tensor,
+    ent_coef: th.Tensor | float,
+    epsilon: float,
+) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+    """``(H_mu [N, A], H_latent [N, K], H_log_std [K, A])`` of SAC's actor loss under gSDE (``"gn"``).
+
+    SB3's gSDE actor (``learn_features=True``, ``full_std``, no ``expln``): ``u = μ + w`` with the
+    noise ``w = z·X``, ``X = σ∘E`` the exploration matrix (``σ = exp(log_std)`` ``[K, A]``, ``E``
+    fixed), ``v = z²·σ² + ε``, ``log π = G(w, v) + Σ f(u)``, ``G = −w²/(2v) − ½ log v`` per entry,
+    and ``φ = α·log π − Q`` with ``φ'``, ``φ''`` of the squashing and the linearised critic as in
+    :func:`sac_actor_head_hessians`. ``μ`` enters only through ``u`` (``∂w/∂μ = 0``), so
+    ``H_mu = φ''/N``. For ``log_std`` (``∂w/∂L_kj = ∂²w/∂L_kj² = z_k X_kj``, ``∂v/∂L_kj = 2z_k²σ_kj²``,
+    ``∂²v/∂L_kj² = 4z_k²σ_kj²``) and for the latent ``z`` with ``μ`` held fixed (``∂w_j/∂z_k = X_kj``,
+    ``∂v_j/∂z_k = 2z_kσ_kj²``, ``∂²v_j/∂z_k² = 2σ_kj²``: the variance and noise paths into the trunk;
+    the mean path adds through the sweep)::
+
+        ∂²/∂θ² = α·(G_ww w'² + 2G_wv w'v' + G_vv v'² + G_w w'' + G_v v'') + φ''·w'² + φ'·w''
+        G_w = −w/v   G_ww = −1/v   G_v = w²/(2v²) − 1/(2v)   G_vv = −w²/v³ + 1/(2v²)   G_wv = w/v²
+
+    summed over samples for ``log_std`` and over actions for ``z``, all over ``N``. O(N·K·A).
+    """
+    with th.no_grad():
+        n = actions.shape[0]
+        alpha = _alpha(ent_coef)
+        phi1, phi2 = _squashed_phi_derivatives(actions, dq_da, alpha, epsilon)
+        z, x = latent.detach(), exploration_mat.detach()
+        w = z.mm(x)
+        g_w, g_ww = -w / variance, -1.0 / variance
+        g_v = w**2 / (2 * variance**2) - 1 / (2 * variance)
+        g_vv = -(w**2) / variance**3 + 1 / (2 * variance**2)
+        g_wv = w / variance**2
+        std2 = th.exp(2 * log_std.detach())
+        h_mu = phi2 / n
+        h_log_std = (
+            x**2 * (z**2).t().mm(alpha * g_ww + phi2)
+            + 4 * x * std2 * (z**3).t().mm(alpha * g_wv)
+            + 4 * std2**2 * (z**4).t().mm(alpha * g_vv)
+            + x * z.t().mm(alpha * g_w + phi1)
+            + 4 * std2 * (z**2).t().mm(alpha * g_v)
+        ) / n
+        h_latent = (
+            (alpha * g_ww + phi2).mm((x**2).t())
+            + 4 * z * (alpha * g_wv).mm((x * std2).t())
+            + 4 * z**2 * (alpha * g_vv).mm((std2**2).t())
+            + 2 * (alpha * g_v).mm(std2.t())
+        ) / n
+    return h_mu, h_latent, h_log_std

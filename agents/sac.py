@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from .base import CurvatureAgentMixin
 from .optimizers import build_optimizer
-from .policy_hessians import sac_actor_head_hessians
+from .policy_hessians import sac_actor_head_hessians, sac_gsde_hessians
 from .second_order import CurvatureUpdate, named_in
 
 
@@ -44,7 +44,7 @@ class SAC(CurvatureAgentMixin, SB3SAC):
     (group ``critic``: both Q-networks, one step-size scale) and run :meth:`_train_curvature`:
     upstream's ``train()`` with the two optimisation blocks replaced by the shared
     :class:`~agents.second_order.CurvatureUpdate` (``target_update_interval``, n-step discounts,
-    fixed or learned ``ent_coef`` honoured; gSDE rejected).
+    fixed or learned ``ent_coef`` honoured, gSDE included).
     """
 
     _algo = "sac"
@@ -57,9 +57,16 @@ class SAC(CurvatureAgentMixin, SB3SAC):
 
         actor_params = list(actor.parameters())
         self.actor.optimizer = build_optimizer(cfg, [{"name": "actor", "params": actor_params}], lr, "sac")
-        actor_modules = [actor.latent_pi, actor.mu, actor.log_std]
+        # gSDE: ``log_std`` is the [K, A] exploration matrix parameter, not a head.
+        actor_modules = [actor.latent_pi, actor.mu] + ([] if self.use_sde else [actor.log_std])
         if _has_params(actor.features_extractor):
             actor_modules.insert(0, actor.features_extractor)
+        dist = actor.action_dist
+        # The closed forms (``"gn"``): gSDE with SB3's default ``full_std`` and ``exp`` only; else autograd.
+        self._actor_gn = cfg["actor_curvature"] == "gn" and not create_graph and (
+            not self.use_sde or (dist.full_std and not dist.use_expln)
+        )
+        actor_leaf = [actor.log_std] if self.use_sde and not self._actor_gn else []
 
         if critic.share_features_extractor:
             critic_params = [p for n, p in critic.named_parameters() if "features_extractor" not in n]
@@ -73,7 +80,8 @@ class SAC(CurvatureAgentMixin, SB3SAC):
         common = dict(method=cfg["curvature"], max_grad_norm=cfg["max_grad_norm"], create_graph=create_graph)
         self._updates = {
             "actor": CurvatureUpdate(
-                self.actor.optimizer, named_in(self.policy, actor_modules), clip_params=actor_params, **common
+                self.actor.optimizer, named_in(self.policy, actor_modules), leaf_params=actor_leaf,
+                clip_params=actor_params, **common
             ),
             "critic": CurvatureUpdate(
                 self.critic.optimizer, named_in(self.policy, critic_modules), clip_params=critic_params, **common
@@ -89,28 +97,47 @@ class SAC(CurvatureAgentMixin, SB3SAC):
             tensors.append(self.log_ent_coef)
         return tensors
 
-    def _actor_heads(self, cap) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
-        """``(mean_actions, log_std_raw, gaussian_actions)`` of the ``actor.action_log_prob`` call just
-        recorded by ``cap``: the two head outputs (``log_std`` before SB3's clamp) and the Gaussian
-        sample ``u`` (read at once: the next call of the actor overwrites it)."""
-        actor = self.actor
-        return cap.outputs(actor.mu)[-1], cap.outputs(actor.log_std)[-1], actor.action_dist.gaussian_actions
+    def _actor_heads(self, cap) -> tuple[th.Tensor, ...]:
+        """What the closed forms need from the ``actor.action_log_prob`` call just recorded by ``cap``
+        (read at once: the next call of the actor overwrites the distribution's state).
 
-    def _actor_gn_output_hessians(self, heads, actions_pi, min_qf_pi, ent_coef) -> dict[th.Tensor, th.Tensor]:
-        """Closed-form per-sample Hessians of the actor loss w.r.t. the two heads (``"gn"``, see
-        :func:`~agents.policy_hessians.sac_actor_head_hessians`); one backward through the critics."""
-        mean_actions, log_std_raw, gaussian_actions = heads
+        Without gSDE: the two head outputs (``log_std`` before SB3's clamp) and the Gaussian sample
+        ``u``. With gSDE: the mean head's output (the last module of ``mu``, SB3's ``Hardtanh``
+        clip), the latent ``z`` as the trunk returned it, the exploration matrix and the variance.
+        """
+        actor = self.actor
+        if not self.use_sde:
+            return cap.outputs(actor.mu)[-1], cap.outputs(actor.log_std)[-1], actor.action_dist.gaussian_actions
+        last_mu = [m for m in actor.mu.modules() if next(m.children(), None) is None][-1]
+        dist = actor.action_dist
+        return cap.outputs(last_mu)[-1], dist._latent_sde, dist.exploration_mat, dist.distribution.variance.detach()
+
+    def _actor_gn_hessians(self, heads, actions_pi, min_qf_pi, ent_coef, cap) -> dict[str, dict]:
+        """``step()`` keyword arguments with the closed-form Hessians of the actor loss (``"gn"``, see
+        :func:`~agents.policy_hessians.sac_actor_head_hessians` and ``sac_gsde_hessians``); one
+        backward through the critics."""
         (dq_da,) = th.autograd.grad(min_qf_pi.sum(), actions_pi, retain_graph=True)
-        h_mu, h_log_std = sac_actor_head_hessians(
-            mean_actions, log_std_raw, gaussian_actions, actions_pi, dq_da, ent_coef,
-            self.actor.action_dist.epsilon, (LOG_STD_MIN, LOG_STD_MAX),
+        epsilon = self.actor.action_dist.epsilon
+        if not self.use_sde:
+            mean_actions, log_std_raw, gaussian_actions = heads
+            h_mu, h_log_std = sac_actor_head_hessians(
+                mean_actions, log_std_raw, gaussian_actions, actions_pi, dq_da, ent_coef, epsilon,
+                (LOG_STD_MIN, LOG_STD_MAX),
+            )
+            return {"output_hessians": {mean_actions: h_mu, log_std_raw: h_log_std}}
+        mean_actions, latent, exploration_mat, variance = heads
+        h_mu, h_latent, h_log_std = sac_gsde_hessians(
+            latent, self.actor.log_std, exploration_mat, variance, actions_pi, dq_da, ent_coef, epsilon
         )
-        return {mean_actions: h_mu, log_std_raw: h_log_std}
+        outputs = {mean_actions: h_mu}
+        if cap.is_captured_output(latent):  # else the latent is the features: no trunk to pass it to
+            outputs[latent] = h_latent
+        return {"output_hessians": outputs, "leaf_hessians": {self.actor.log_std: h_log_std}}
 
     def _train_curvature(self, gradient_steps: int, batch_size: int = 64) -> None:
         """Upstream ``SAC.train()`` (SB3 2.9.2) with the two optimisation blocks replaced."""
         actor_update, critic_update = self._updates["actor"], self._updates["critic"]
-        gn = self.optimizer_config["actor_curvature"] == "gn" and not actor_update.create_graph
+        gn = self._actor_gn
         self.policy.set_training_mode(True)
         optimizers = [self.actor.optimizer, self.critic.optimizer]
         if self.ent_coef_optimizer is not None:
@@ -123,6 +150,10 @@ class SAC(CurvatureAgentMixin, SB3SAC):
         for gradient_step in range(gradient_steps):
             replay_data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
             discounts = replay_data.discounts if replay_data.discounts is not None else self.gamma
+
+            # We need to sample because `log_std` may have changed between two gradient steps
+            if self.use_sde:
+                self.actor.reset_noise()
 
             with actor_update.capture() as actor_cap:
                 actions_pi, log_prob = self.actor.action_log_prob(replay_data.observations)
@@ -168,10 +199,8 @@ class SAC(CurvatureAgentMixin, SB3SAC):
             actor_losses.append(actor_loss.item())
 
             # Optimize the actor: gradient + curvature (through the critics) + (scaled) step.
-            output_hessians = None
-            if gn:
-                output_hessians = self._actor_gn_output_hessians(heads, actions_pi, min_qf_pi, ent_coef)
-            actor_update.step(actor_cap, actor_loss, output_hessians=output_hessians)
+            closed_forms = self._actor_gn_hessians(heads, actions_pi, min_qf_pi, ent_coef, actor_cap) if gn else {}
+            actor_update.step(actor_cap, actor_loss, **closed_forms)
 
             if gradient_step % self.target_update_interval == 0:
                 polyak_update(self.critic.parameters(), self.critic_target.parameters(), self.tau)

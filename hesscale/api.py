@@ -76,4 +76,8 @@ def _sweep(model, loss_fn, inputs, targets, method, per_sample: bool = False, mo
     roots = [model] if modules is None else list(captured.values())
     params = {id(p) for root in roots for p in root.parameters()}
     cap.backward(loss, output_hessians=given, external_grads=modules is not None)
-    return {name: p.hess_diag for name, p in model.named_parameters() if id(p) in params and getattr(p, "hess_diag", None) is not None}
+    return {
+        name: p.hess_diag
+        for name, p in model.named_parameters()
+        if id(p) in params and getattr(p, "hess_diag", None) is not None
+    }

@@ -18,6 +18,8 @@ exactly the outside part.
 """
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -44,6 +46,18 @@ class _Call:
     g_out: Tensor | None = None
 
 
+_INTERNAL_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+
+
+def _caller_stacklevel() -> int:
+    """``stacklevel`` of the first frame outside torch and hesscale: the line whose forward code
+    called the module (a warning then points there, not into ``nn.Module.__call__``)."""
+    frame, level = sys._getframe(2), 2  # level 1: the hook that calls this and warns
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _named_roots(modules: nn.Module | Iterable[nn.Module] | Mapping[str, nn.Module]) -> list[tuple[str, nn.Module]]:
     """``(path prefix, root)`` pairs: a mapping's keys, else ``""`` for one root, ``[r]`` for several."""
     if isinstance(modules, Mapping):
@@ -52,7 +66,9 @@ def _named_roots(modules: nn.Module | Iterable[nn.Module] | Mapping[str, nn.Modu
         roots = [modules] if isinstance(modules, nn.Module) else list(modules)
         named = [("" if len(roots) == 1 else f"[{r}]", root) for r, root in enumerate(roots)]
     if not named or not all(isinstance(m, nn.Module) for _, m in named):
-        raise TypeError("capture() needs an nn.Module, a non-empty iterable of nn.Modules or a {path: nn.Module} mapping")
+        raise TypeError(
+            "capture() needs an nn.Module, a non-empty iterable of nn.Modules or a {path: nn.Module} mapping"
+        )
     return named
 
 
@@ -166,7 +182,7 @@ class capture:
                     "captured outputs; that part is treated as loss and differentiated exactly "
                     "(one Hessian-vector product per feature). Wrap such operations in a module "
                     "with a rule to keep the sweep cheap.",
-                    stacklevel=2,
+                    stacklevel=_caller_stacklevel(),
                 )
             self._pending.setdefault(id(module), []).append((x, producer))
             return (x.clone() if getattr(module, "inplace", False) else x,)

@@ -4,6 +4,7 @@ inside SB3 policies, and ``hessian_diagonal(..., modules=...)``."""
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch as th
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
@@ -131,3 +132,35 @@ def test_hessian_diagonal_of_a_subset_of_modules(float64):
     assert by_object.keys() == by_path.keys()
     with pytest.raises(ValueError, match="not a submodule"):
         hesscale.hessian_diagonal(model, nn.MSELoss(), x, y, modules=[nn.Linear(4, 2)])
+
+
+GSDE_CASES = [("PPO", None), ("A2C", None), ("SAC", "gn"), ("SAC", "exact"), ("SAC", "expln")]
+
+
+@pytest.mark.parametrize("algo,route", GSDE_CASES)
+def test_gsde_trains_on_the_curvature_path_saves_loads_and_resumes(tmp_path, algo, route):
+    """gSDE on the curvature path; SAC with ``use_expln`` (no closed form) takes the autograd route."""
+    cls = getattr(agents, algo)
+    optimizer = {"name": "adahesscale", "scaling": {"enabled": True}}
+    policy_kwargs = dict(net_arch=[8])
+    if route is not None:
+        optimizer["actor_curvature"] = "exact" if route == "exact" else "gn"
+    if route == "expln":
+        policy_kwargs["use_expln"] = True
+    model = cls("MlpPolicy", "Pendulum-v1", optimizer=optimizer,
+                use_sde=True, sde_sample_freq=4, seed=0, policy_kwargs=policy_kwargs, **SMALL[algo])
+    if algo == "SAC":
+        assert model._actor_gn is (route == "gn")
+    model.learn(32)
+    log_std = model.policy.log_std if algo != "SAC" else model.actor.log_std
+    assert log_std.shape == (8, 1) and th.isfinite(log_std.hess_diag).all() and log_std.hess_diag.abs().max() > 0
+    model.save(tmp_path / "m.zip")
+    loaded = cls.load(tmp_path / "m.zip", env=model.get_env())
+    optimizer_of = (lambda m: m.policy.optimizer) if algo != "SAC" else (lambda m: m.actor.optimizer)
+    saved, restored = optimizer_of(model).state_dict(), optimizer_of(loaded).state_dict()
+    th.testing.assert_close(restored["optimizer"]["state"], saved["optimizer"]["state"], rtol=0, atol=0)
+    assert saved["optimizer"]["state"] and restored["scaler"].keys() == saved["scaler"].keys()
+    obs = model.get_env().reset()
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0])
+    loaded.learn(16, reset_num_timesteps=False)
+    assert loaded.divergence is None and loaded.num_timesteps > model.num_timesteps

@@ -189,7 +189,7 @@ def _actor_hess(model, obs, route: str, linearise: bool = False):
     hessians = None
     if route == "gn":
         q_true = th.min(th.cat(model.critic(obs, actions_pi), dim=1), dim=1, keepdim=True)[0]
-        hessians = model._actor_gn_output_hessians(heads, actions_pi, q_true, model.ent_coef_tensor)
+        hessians = model._actor_gn_hessians(heads, actions_pi, q_true, model.ent_coef_tensor, cap)["output_hessians"]
     for p in model.actor.parameters():
         p.grad = None
     cap.backward(loss, output_hessians=hessians)
@@ -218,6 +218,50 @@ def test_sac_gn_is_the_linearised_critic_for_tanh_critics():
     assert _rel(gn, exact) > 1e-3  # the critic's action curvature is what "gn" drops
 
 
+def _gsde_actor_hess(model, obs, route: str):
+    """hess_diag of the gSDE actor's parameters: ``"gn"`` with the agent's closed forms (log_std
+    matrix, latent, mean head), ``"exact"`` with the core's autograd route for all three."""
+    actor = model.actor
+    th.manual_seed(123)
+    actor.reset_noise()  # the same exploration matrix (with its graph to log_std) for both routes
+    if route == "gn":
+        cap_obj = model._updates["actor"]._capture
+    else:
+        cap_obj = hesscale.capture([actor.latent_pi, actor.mu], leaf_params=[actor.log_std])
+    with cap_obj as cap:
+        actions_pi, log_prob = actor.action_log_prob(obs)
+    heads = model._actor_heads(cap) if route == "gn" else None
+    min_q, _ = th.min(th.cat(model.critic(obs, actions_pi), dim=1), dim=1, keepdim=True)
+    loss = (model.ent_coef_tensor * log_prob.reshape(-1, 1) - min_q).mean()
+    for p in actor.parameters():
+        p.grad = None
+    if route == "gn":
+        forms = model._actor_gn_hessians(heads, actions_pi, min_q, model.ent_coef_tensor, cap)
+        assert len(forms["output_hessians"]) == 2  # mean head and latent: the trunk's variance path
+        cap.backward(loss, output_hessians=forms["output_hessians"], external_grads=True)
+        for p, h in forms["leaf_hessians"].items():
+            p.hess_diag = h
+    else:
+        cap.backward(loss)
+    return {n: p.hess_diag.clone() for n, p in actor.named_parameters()}
+
+
+def test_sac_gsde_closed_forms_equal_autograd_for_relu_critics():
+    """gSDE: the [K, A] log_std matrix, the latent's variance/noise path and the mean head in closed
+    form equal the autograd route (ReLU critics: "gn" is exact); a 2-D action space."""
+    from stable_baselines3.common.env_util import make_vec_env
+
+    env = make_vec_env("Reacher-v5", n_envs=1, seed=0)
+    model = agents.SAC("MlpPolicy", env, optimizer={"name": "adahesscale"}, use_sde=True, learning_starts=N,
+                       batch_size=N, ent_coef=0.3, seed=5, device="cpu", policy_kwargs=dict(net_arch=[6, 5]))
+    model.learn(N + 8)
+    obs = model.replay_buffer.sample(N).observations
+    gn, exact = _gsde_actor_hess(model, obs, "gn"), _gsde_actor_hess(model, obs, "exact")
+    assert gn.keys() == exact.keys() and "log_std" in gn and gn["log_std"].shape == (5, 2)
+    assert _rel(gn, exact) < 1e-4
+    assert all(float(h.abs().max()) > 0 for h in exact.values())
+
+
 def test_sac_exact_route_trains():
     model = agents.SAC("MlpPolicy", "Pendulum-v1", optimizer={"name": "adahesscale", "actor_curvature": "exact"},
                        learning_starts=32, batch_size=32, seed=0, device="cpu", policy_kwargs=dict(NET))
@@ -226,20 +270,23 @@ def test_sac_exact_route_trains():
     assert all(hasattr(p, "hess_diag") or p.grad is None for p in model.actor.parameters())
 
 
+@pytest.mark.parametrize("use_sde", [False, True], ids=["gaussian", "gsde"])
 @pytest.mark.parametrize("algo", ["ppo", "a2c"])
-def test_closed_form_head_hessians_equal_the_cores_autograd_route(algo):
-    """The closed forms for the Gaussian heads (mean, value, log_std) equal the core's exact
-    per-sample autograd route, with PPO's ratio clipping and value clipping active."""
+def test_closed_form_head_hessians_equal_the_cores_autograd_route(algo, use_sde):
+    """The closed forms for the Gaussian heads (mean, value, log_std; with gSDE the [K, A] log_std
+    matrix, entropy curvature included) equal the core's exact per-sample autograd route, with
+    PPO's ratio clipping and value clipping active."""
     records = {}
     for closed in (True, False):
         if algo == "ppo":
             model = agents.PPO("MlpPolicy", "Pendulum-v1", optimizer={"name": "adahesscale", "kwargs": {"eps": 1e-5}},
                                n_steps=N, batch_size=N // 2, n_epochs=4, clip_range=0.01, clip_range_vf=0.002,
-                               ent_coef=0.01, seed=1, device="cpu", policy_kwargs=dict(NET), closed_form_heads=closed)
+                               ent_coef=0.01, seed=1, device="cpu", policy_kwargs=dict(NET), closed_form_heads=closed,
+                               use_sde=use_sde)
         else:
             model = agents.A2C("MlpPolicy", "Pendulum-v1", optimizer={"name": "adahesscale", "kwargs": {"eps": 1e-5}},
                                n_steps=16, ent_coef=0.01, normalize_advantage=True, seed=1, device="cpu",
-                               policy_kwargs=dict(NET), closed_form_heads=closed)
+                               policy_kwargs=dict(NET), closed_form_heads=closed, use_sde=use_sde)
         assert model._gaussian_heads is closed
         records[closed] = []
         _snapshot_step(model.policy.optimizer, records[closed])

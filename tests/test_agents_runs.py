@@ -181,8 +181,6 @@ def test_config_defaults_and_validation():
 def test_constructor_rejects_bad_choices():
     with pytest.raises(ValueError, match="'hessscale'"):
         agents.PPO("MlpPolicy", "Pendulum-v1", optimizer={"name": "hessscale"})
-    with pytest.raises(ValueError, match="gSDE"):
-        agents.PPO("MlpPolicy", "Pendulum-v1", optimizer={"name": "adahesscale"}, use_sde=True)
     with pytest.raises(hesscale.UnsupportedModuleError, match="Hardswish"):
         agents.PPO("MlpPolicy", "Pendulum-v1", optimizer={"name": "adahesscale"},
                    policy_kwargs=dict(activation_fn=th.nn.Hardswish))

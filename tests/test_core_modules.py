@@ -1,4 +1,6 @@
 """Every supported module type, fan-out, in-place, per-sample, errors and custom rules."""
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -10,7 +12,7 @@ from reference import exact_diag_by_double_backward, hesscale_recursion
 TOL = dict(rtol=1e-10, atol=1e-10)
 
 ACTIVATIONS = [
-    nn.Tanh(), nn.Sigmoid(), nn.ReLU(), nn.LeakyReLU(0.1), nn.ELU(alpha=0.7), nn.SELU(),
+    nn.Tanh(), nn.Sigmoid(), nn.ReLU(), nn.LeakyReLU(0.1), nn.Hardtanh(-0.5, 0.7), nn.ELU(alpha=0.7), nn.SELU(),
     nn.Softplus(beta=2.0, threshold=1.0), nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh"),
     nn.Identity(), nn.ReLU(inplace=True), nn.ELU(inplace=True), nn.LeakyReLU(0.2, inplace=True),
     nn.SELU(inplace=True), nn.SiLU(inplace=True),
@@ -195,7 +197,11 @@ def test_unsupported_module_is_named_before_forward():
         hesscale.capture(model)
 
 
-def test_register_rule_for_a_custom_activation(float64):
+def test_register_rule_for_a_custom_activation(float64, monkeypatch):
+    import hesscale.rules.registry as registry
+
+    monkeypatch.setattr(registry, "_RULES", dict(registry._RULES))  # the registration ends with the test
+
     class Cube(nn.Module):
         def forward(self, x):
             return x**3
@@ -230,3 +236,15 @@ def test_outside_parameters_are_left_alone(float64):
         loss = critic(torch.tanh(actor(x))).square().mean()
     cap.backward(loss, external_grads=True)
     assert critic.weight.grad is not None
+
+
+def test_outside_operation_warning_names_the_module_and_points_at_the_callers_line():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    with pytest.warns(UserWarning, match=r"captured module '1' reads a tensor made by non-module") as record:
+        with hesscale.capture(model) as cap:
+            h = model[0](x) * 2.0
+            out = model[1](h)  # the warning's line
+    cap.backward(out.square().mean())
+    (w,) = [w for w in record if "non-module" in str(w.message)]
+    assert w.filename == __file__ and "model[1](h)" in Path(__file__).read_text().splitlines()[w.lineno - 1]

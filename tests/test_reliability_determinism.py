@@ -109,15 +109,15 @@ def test_bad_checkpoint_values_name_the_key(override: str, message: str):
 
 
 def test_unsupported_module_in_the_policy_fails_before_training(tmp_path: Path, monkeypatch):
-    """A module the core has no rule for (Hardtanh) is named, with what is supported."""
+    """A module the core has no rule for (Hardswish) is named, with what is supported."""
     import agents.experiment.build as b
 
-    monkeypatch.setitem(b.ACTIVATIONS, "hardtanh", "Hardtanh")
-    cfg = _cfg([*TINY["ppo"], *COMMON, "++agent.policy_kwargs.activation_fn=hardtanh"])
+    monkeypatch.setitem(b.ACTIVATIONS, "hardswish", "Hardswish")
+    cfg = _cfg([*TINY["ppo"], *COMMON, "++agent.policy_kwargs.activation_fn=hardswish"])
     with pytest.raises(ConfigError) as e:
         train(cfg, tmp_path)
     msg = str(e.value)
-    assert "Hardtanh" in msg and "has no HesScale rule" in msg and "Supported:" in msg and "opt=hesscale" in msg
+    assert "Hardswish" in msg and "has no HesScale rule" in msg and "Supported:" in msg and "opt=hesscale" in msg
     assert not list(tmp_path.rglob("events.out.tfevents.*")) and not (tmp_path / "model.zip").exists()
 
 

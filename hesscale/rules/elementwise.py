@@ -40,6 +40,10 @@ def _leaky(m, x, y):
     return torch.where(x > 0, 1.0, m.negative_slope).to(x.dtype)
 
 
+def _hardtanh(m, x, y):
+    return ((x > m.min_val) & (x < m.max_val)).to(x.dtype)  # as autograd: zero at the bounds
+
+
 def _elu_first(m, x, y):
     return torch.where(x > 0, torch.ones_like(x), y + m.alpha)  # α eˣ = y + α for x ≤ 0
 
@@ -115,6 +119,7 @@ ACTIVATIONS: dict[type[nn.Module], tuple[Derivative, Optional[Derivative]]] = {
     nn.Sigmoid: (lambda m, x, y: y * (1 - y), lambda m, x, y: y * (1 - y) * (1 - 2 * y)),
     nn.ReLU: (_step, None),
     nn.LeakyReLU: (_leaky, None),
+    nn.Hardtanh: (_hardtanh, None),
     nn.ELU: (_elu_first, _elu_second),
     nn.SELU: (_selu_first, _selu_second),
     nn.Softplus: (_softplus_first, _softplus_second),
