@@ -55,10 +55,16 @@ SB3_DEFAULT_NAME = {"ppo": "adam", "a2c": "rmsprop", "sac": "adam"}
 _TORCH_CLASSES = {"adam": "Adam", "rmsprop": "RMSprop", "sgd": "SGD"}  # in torch.optim
 
 
-def _torch_class(name: str) -> type:
-    import torch
+def optimizer_class(name: str) -> type:
+    """The base optimizer class of ``name``: torch's Adam / RMSprop / SGD, hesscale's AdaHesScale /
+    AdaHessian (``opt.kwargs`` are checked against its signature)."""
+    if name in _TORCH_CLASSES:
+        import torch
 
-    return getattr(torch.optim, _TORCH_CLASSES[name])
+        return getattr(torch.optim, _TORCH_CLASSES[name])
+    import hesscale.optim as hoptim
+
+    return {"adahesscale": hoptim.AdaHesScale, "adahessian": hoptim.AdaHessian}[name]
 
 
 def _valid(kind: str, value: Any, valid: Iterable[Any]) -> ValueError:
@@ -187,11 +193,11 @@ def first_order_policy_kwargs(config: dict, algo: str, rms_prop_eps: float = 1e-
     if not kwargs:
         if algo == "a2c" and name == "adam":
             # As SB3 builds Adam for A2C (use_rms_prop=False): ActorCriticPolicy adds eps=1e-5.
-            return {"optimizer_class": _torch_class("adam")}
+            return {"optimizer_class": optimizer_class("adam")}
         if algo == "a2c" and name == "rmsprop":
             return {}
     merged = {**_sb3_first_order_kwargs(name, algo, rms_prop_eps), **kwargs}
-    return {"optimizer_class": _torch_class(name), "optimizer_kwargs": merged}
+    return {"optimizer_class": optimizer_class(name), "optimizer_kwargs": merged}
 
 
 def build_optimizer(config: dict, groups: list[dict], lr: float, algo: str, rms_prop_eps: float = 1e-5):
@@ -206,11 +212,8 @@ def build_optimizer(config: dict, groups: list[dict], lr: float, algo: str, rms_
     name, kwargs = config["name"], dict(config["kwargs"])
     groups = [dict(g) for g in groups if len(g["params"]) > 0]
     if name in _TORCH_CLASSES:
-        base_kwargs = {**_sb3_first_order_kwargs(name, algo, rms_prop_eps), **kwargs}
-        base = _torch_class(name)(groups, lr=lr, **base_kwargs)
-    else:
-        cls = {"adahesscale": hoptim.AdaHesScale, "adahessian": hoptim.AdaHessian}[name]
-        base = cls(groups, lr=lr, **kwargs)
+        kwargs = {**_sb3_first_order_kwargs(name, algo, rms_prop_eps), **kwargs}
+    base = optimizer_class(name)(groups, lr=lr, **kwargs)
     if not config["scaling"]["enabled"]:
         return base
     s = config["scaling"]

@@ -30,8 +30,9 @@ def _train(args, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
     (["agent=ppo2"], "agent=ppo2 is not a config in configs/agent/ (did you mean ppo?)"),
     (["env=hoppper"], "env=hoppper is not a config in configs/env/ (did you mean hopper?)"),
     (["opt=adam,hesscal"], "(did you mean hesscale?)"),  # with -m
-    (["opt.scalng.delta=1e-4"], "opt.scalng.delta: no such key (did you mean opt.scaling.delta?)"),
+    (["opt.scalng.delta=1e-4"], "opt.scalng.delta: unknown key (did you mean opt.scaling.delta?)"),
     (["opt.lr=["], "no viable alternative at input '['"),
+    (["+opt.scalng.delta=1e-4"], "opt.scalng.delta: unknown key (did you mean opt.scaling.delta?)"),  # Hydra's hint
     (["opt.lr=0"], "opt.lr=0"),  # a value error, found by validation after composition
 ])
 def test_every_config_error_exits_2_with_one_message(args, expected, tmp_path: Path):

@@ -123,7 +123,8 @@ def _resume_point(c: dict, run_dir: Path, store: CheckpointStore) -> tuple[Path 
     prev = read_result(run_dir)
     if not c["checkpoint"]["resume"] or (prev and prev.get("status") in DONE):
         return None, None  # rerun=true of a finished run, or resuming switched off
-    folder = store.latest()
+    folder = store.verified_latest(
+        lambda msg: print(f"[resume] {run_dir}: {msg}", file=sys.stderr, flush=True))
     if folder is None:
         return None, None
     try:

@@ -1,6 +1,10 @@
 """Preemption: SIGTERM / SIGUSR1 (and submitit's signal) make a run checkpoint at its next safe
 boundary and stop; the signal is then handed to whoever handled it before (submitit requeues).
 
+Ctrl-C (SIGINT) is the same, announced on stderr; a second Ctrl-C exits at once (code 130, the
+last complete checkpoint stays usable). :func:`interrupt_handler` also serves the command line's
+parent process in a multirun: there the first Ctrl-C only waits for the jobs, which checkpoint.
+
 The flag is process-wide (a signal handler has nowhere else to put it): :func:`preemption_requested`.
 """
 
@@ -8,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from typing import Any
 
 
@@ -40,6 +45,31 @@ def _handler(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
         _requested = signum
 
 
+INTERRUPT_EXIT = 128 + int(signal.SIGINT)  # 130, as a shell reports a process ended by Ctrl-C
+
+
+def interrupt_handler(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    """SIGINT: the first one is a preemption (checkpoint at the next boundary), the second exits."""
+    global _requested
+    if _requested == signal.SIGINT:
+        sys.stderr.write("\n[interrupt] second Ctrl-C: exiting now (the last complete checkpoint is kept)\n")
+        sys.stderr.flush()
+        os._exit(INTERRUPT_EXIT)
+    if _requested is None:
+        _requested = signal.SIGINT
+        sys.stderr.write("\n[interrupt] Ctrl-C: checkpointing at the next safe boundary, then stopping "
+                         "(Ctrl-C again to exit at once)\n")
+        sys.stderr.flush()
+
+
+def install_interrupt_handler() -> None:
+    """Make Ctrl-C behave like a preemption in this process (main thread only; else nothing)."""
+    try:
+        signal.signal(signal.SIGINT, interrupt_handler)
+    except (ValueError, OSError):
+        pass
+
+
 def preemption_signals() -> list[int]:
     """SIGTERM and SIGUSR1; also submitit's preemption signal (``SUBMITIT_PREEMPT_SIGNAL``,
     default USR2) when submitit has a handler installed for it."""
@@ -55,18 +85,18 @@ def preemption_signals() -> list[int]:
 
 
 class PreemptionGuard:
-    """While active, preemption signals only set a flag; training checkpoints at the next safe
-    boundary and stops (:class:`Preempted`). Outside the main thread it does nothing."""
+    """While active, preemption signals and Ctrl-C only set a flag; training checkpoints at the
+    next safe boundary and stops (:class:`Preempted`). Outside the main thread it does nothing."""
 
     def __enter__(self) -> "PreemptionGuard":
         self._installed: dict[int, Any] = {}
-        for s in preemption_signals():
+        for s in [*preemption_signals(), signal.SIGINT]:
             try:
-                prev = signal.signal(s, _handler)
+                prev = signal.signal(s, interrupt_handler if s == signal.SIGINT else _handler)
             except (ValueError, OSError):  # not the main thread
                 continue
             self._installed[s] = prev
-            if prev is not _handler:
+            if prev not in (_handler, interrupt_handler):
                 _previous[s] = prev
         return self
 

@@ -68,6 +68,7 @@ def _train_session(session: Session, progress_bar: bool | None) -> dict:
     """Build or restore envs and agent, learn the remaining steps, evaluate, save, end the session."""
     from agents.experiment.envs import MujocoInstabilityCallback
     from agents.experiment.preemption import Preempted
+    from agents.experiment.progress import OverallProgressBar
     from agents.experiment.resume import ResumeCallback
 
     c, run_dir, result = session.c, session.run_dir, session.result
@@ -81,9 +82,14 @@ def _train_session(session: Session, progress_bar: bool | None) -> dict:
             resume_state=session.state,
             extra=lambda: {"identity": identity(c), "wall_time_s": time.perf_counter() - t0})
         show = c["progress_bar"] if progress_bar is None else progress_bar
-        model.learn(max(c["total_timesteps"] - session.start_step, 0),
-                    callback=[resume_cb, MujocoInstabilityCallback(), eval_cb],
-                    progress_bar=bool(show), reset_num_timesteps=not session.resumed)
+        bar = OverallProgressBar(c["total_timesteps"]) if show else None
+        try:
+            model.learn(max(c["total_timesteps"] - session.start_step, 0),
+                        callback=[resume_cb, MujocoInstabilityCallback(), eval_cb, *([bar] if bar else [])],
+                        reset_num_timesteps=not session.resumed)
+        finally:
+            if bar is not None:
+                bar.close()
         div = getattr(model, "divergence", None)
         result["status"] = RunStatus.DIVERGED if div else RunStatus.FINISHED
         result["divergence"] = div
@@ -164,8 +170,8 @@ def main_task(cfg: Any) -> dict:
     """Entry point for ``scripts/train.py`` (inside ``@hydra.main``).
 
     Single run: a config error prints one message and exits with code 2, a failed run exits 1,
-    a diverged run exits 0, a preempted run (SIGTERM / SIGUSR1 / submitit's signal) checkpoints
-    and exits with 128 + the signal number. Multirun: always returns (the status is in
+    a diverged run exits 0, a preempted run (SIGTERM / SIGUSR1 / submitit's signal / Ctrl-C)
+    checkpoints and exits with 128 + the signal number (Ctrl-C: 130). Multirun: always returns (the status is in
     result.json; a preempted run stays ``running`` and resumes when the sweep is run again).
     """
     from hydra.core.hydra_config import HydraConfig
@@ -176,6 +182,13 @@ def main_task(cfg: Any) -> dict:
     run_dir = Path(hc.runtime.output_dir)
     name = f"{hc.runtime.choices.get('agent')}/{hc.runtime.choices.get('opt')}/" \
            f"{hc.runtime.choices.get('env')} seed={cfg.get('seed')}"
+    from agents.experiment.preemption import preemption_requested
+
+    if preemption_requested() is not None:  # Ctrl-C / a preemption before this job began: not started
+        print(f"[not started] {name}: interrupted before it began -> {run_dir}", flush=True)
+        if not multirun:
+            raise SystemExit(128 + int(preemption_requested()))
+        return {"status": RunStatus.RUNNING, "run_dir": str(run_dir), "skipped": True}
     print(f"[run] {name} -> {run_dir}", flush=True)
     try:
         result = train(cfg, run_dir, override_dirname=hc.job.override_dirname,
@@ -192,8 +205,8 @@ def main_task(cfg: Any) -> dict:
         return result
     if result.get("preempted"):
         p = result["preempted"]
-        print(f"[preempted] {name}: {p['signal']} -> checkpoint at step {p['step']}; the same command "
-              f"resumes it -> {run_dir}", flush=True)
+        print(f"[preempted] {name}: {p['signal']} -> checkpoint at step {p['step']}; run the same command "
+              f"again to resume -> {run_dir}", flush=True)
         from agents.experiment.preemption import chain_previous_handler
 
         chain_previous_handler(p["signum"])  # submitit: requeue the job (and exit)

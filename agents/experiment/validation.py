@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from agents.experiment.build import ACTIVATIONS, optimizer_spec
 from agents.experiment.errors import ConfigError
+from agents.experiment.keys import unknown_keys, unknown_open_keys
 from agents.optimizers import (ACTOR_CURVATURE, ALGOS, CURVATURE_METHODS, KWARG_RANGES, MAX_GRAD_NORM_RANGE,
                                OPTIMIZER_NAMES, SCALING_RANGES, normalize_optimizer_config)
 from agents.ranges import NON_NEGATIVE, POSITIVE, UNIT, Range
@@ -159,6 +160,9 @@ def validate(cfg: Any) -> dict:
     for top in ("agent", "opt", "env", "eval"):
         if not isinstance(c.get(top), Mapping):
             raise ConfigError(f"{top}: missing config section (is the config directory complete?)")
+    unknown = unknown_keys(c)  # a typo'd key would otherwise be ignored silently
+    if unknown:
+        raise ConfigError("\n".join(unknown))
 
     for key, allowed in RANGES.items():
         ck.in_range(c, key, allowed)
@@ -228,7 +232,7 @@ def validate(cfg: Any) -> dict:
     if not ck.errors:
         _check_with_agents(ck, c)
     if not ck.errors:  # the one check that imports SB3 (and torch), once the values are sane
-        _check_sb3_keys(ck, _get(c, "agent.cls"), akw)
+        ck.errors += unknown_open_keys(c)
     if ck.errors:
         raise ConfigError("\n".join(ck.errors))
     return c
@@ -241,21 +245,6 @@ def _check_with_agents(ck: _Checker, c: dict) -> None:
         normalize_optimizer_config(spec, c["agent"]["cls"].lower())
     except ValueError as e:
         ck.errors.append(f"opt (optimizer={c['opt']['optimizer']}, curvature={c['opt']['curvature']}): {e}")
-
-
-def _check_sb3_keys(ck: _Checker, cls_name: Any, kwargs: Mapping) -> None:
-    if cls_name not in AGENT_CLASSES:
-        return
-    import inspect
-
-    import stable_baselines3 as sb3
-
-    params = set(inspect.signature(getattr(sb3, cls_name).__init__).parameters)
-    for k in kwargs:
-        if k not in params:
-            close = difflib.get_close_matches(k, sorted(params), n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            ck.fail(f"agent.kwargs.{k}", kwargs[k], f"not an argument of SB3's {cls_name}{hint}")
 
 
 def check_env_id(env_id: str) -> None:
