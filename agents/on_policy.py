@@ -116,25 +116,27 @@ class OnPolicyCurvatureMixin(CurvatureAgentMixin):
             )
         }
 
-    def _head_outputs(self, cap) -> tuple[th.Tensor, th.Tensor] | None:
-        """``(mean_actions, values)``: the head outputs of the ``policy.evaluate_actions`` call just
-        recorded by ``cap`` (``None`` unless the closed forms apply)."""
+    def _head_outputs(self, cap) -> tuple[th.Tensor, th.Tensor, tuple | None] | None:
+        """``(mean_actions, values, gsde)``: the head outputs of the ``policy.evaluate_actions`` call
+        just recorded by ``cap`` and, with gSDE, the distribution's ``(variance, latent)`` read before
+        the next forward replaces them (``None`` unless the closed forms apply)."""
         if cap is None or not self._gaussian_heads:
             return None
         dist = self.policy.action_dist
-        if isinstance(dist, StateDependentNoiseDistribution):  # read before the next forward replaces it
-            self._gsde_variance = dist.distribution.variance.detach()
-        return cap.outputs(self.policy.action_net)[-1], cap.outputs(self.policy.value_net)[-1]
+        gsde = None
+        if isinstance(dist, StateDependentNoiseDistribution):
+            gsde = dist.distribution.variance.detach(), dist._latent_sde
+        return cap.outputs(self.policy.action_net)[-1], cap.outputs(self.policy.value_net)[-1], gsde
 
     def _head_hessians(self, heads, actions, dl, d2l, value_h) -> dict:
         """``step()`` keyword arguments with the closed-form head Hessians (empty without heads)."""
         if heads is None:
             return {}
-        mean_actions, values = heads
-        dist = self.policy.action_dist
-        if isinstance(dist, StateDependentNoiseDistribution):
+        mean_actions, values, gsde = heads
+        if gsde is not None:
+            variance, latent = gsde
             h_mean, h_log_std = gsde_log_prob_hessians(
-                mean_actions, self._gsde_variance, dist._latent_sde, self.policy.log_std, actions, dl, d2l,
+                mean_actions, variance, latent, self.policy.log_std, actions, dl, d2l,
                 entropy_weight=-self.ent_coef / actions.shape[0],
             )
         else:
