@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 RESULT_FILE = "result.json"
+#: the inputs of the run's final evaluation (:mod:`agents.experiment.eval_history`)
+FINAL_EVAL_FILE = "final_eval.pkl"
 
 
 class RunStatus(str, Enum):
