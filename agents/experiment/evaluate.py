@@ -23,16 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agents.experiment.errors import ConfigError
-from agents.experiment.results import DONE, FINAL_EVAL_FILE, read_result
+from agents.experiment.results import CONFIG_FILE, DONE, FINAL_EVAL_FILE, read_result
 
 
 def load_run(run_dir: Path) -> dict:
     """The resolved config of a run directory (``config.yaml``)."""
     from omegaconf import OmegaConf
 
-    cfg_path = Path(run_dir) / "config.yaml"
+    cfg_path = Path(run_dir) / CONFIG_FILE
     if not cfg_path.is_file():
-        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+        raise ConfigError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
     return OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)  # type: ignore[return-value]
 
 
