@@ -16,6 +16,10 @@ from typing import Any
 import numpy as np
 
 RESULT_FILE = "result.json"
+CONFIG_FILE = "config.yaml"  # the run's resolved configuration
+#: bumped whenever result.json or evaluations.npz change meaning: committed runs of another format
+#: are stale and run again (a result.json without the key is format 1)
+RESULTS_FORMAT = 1
 
 
 class RunStatus(str, Enum):
