@@ -2,7 +2,8 @@
 
 Each activation is one entry of a table: a pair of functions ``(σ', σ'')`` of
 ``(module, x, y)``; ``σ''`` is ``None`` for piecewise-linear maps. Using ``y`` avoids recomputing
-``σ`` where the derivatives are cheaper from the output (tanh, sigmoid).
+``σ`` where the derivatives are cheaper from the output (tanh, sigmoid). Fused with the gradient:
+``g_in = σ'(x) g_out`` from the same ``σ'``.
 """
 from __future__ import annotations
 
@@ -25,11 +26,22 @@ class ElementwiseRule(Rule):
         self.second = second
         self.needs_grad_output = second is not None
 
+    fused = True
+
     def input_diag(self, module, x, y, d_out, g_out, gauss_newton):
         d_in = self.first(module, x, y).square() * d_out
         if self.second is not None and not gauss_newton:
             d_in = d_in + self.second(module, x, y) * g_out
         return d_in
+
+    def fused_backward(self, module, x, y, g_out, d_out, gauss_newton, per_sample, need_input):
+        if not need_input:
+            return {}, {}, None, None
+        s1 = self.first(module, x, y)
+        d_in = s1.square() * d_out
+        if self.second is not None and not gauss_newton:
+            d_in = d_in + self.second(module, x, y) * g_out
+        return {}, {}, s1 * g_out, d_in
 
 
 def _step(m, x, y):
