@@ -28,7 +28,8 @@ def _vjp_backward(call, g_out, d_out, gauss_newton, per_sample, need_input):
     take_input = need_input and call.x.requires_grad
     if take_input:
         wrt.append(call.x)
-    found = torch.autograd.grad(call.y, wrt, g_out, retain_graph=True, allow_unused=True) if wrt else ()
+    with torch.enable_grad():
+        found = torch.autograd.grad(call.y, wrt, g_out, retain_graph=True, allow_unused=True) if wrt else ()
     grads = {n: g for (n, _), g in zip(named, found) if g is not None}
     hess = rule.param_diag(module, call.x, call.y, d_out, per_sample)
     if not need_input:
@@ -69,8 +70,7 @@ def fused_sweep(
                 out = call.rule.fused_backward(call.module, call.x, call.y, g_out, d_out, gauss_newton, per_sample, need_input)
             else:
                 routes[call.path] = AUTOGRAD
-                with torch.enable_grad():
-                    out = _vjp_backward(call, g_out, d_out, gauss_newton, per_sample, need_input)
+                out = _vjp_backward(call, g_out, d_out, gauss_newton, per_sample, need_input)
             p_grads, p_hess, g_in, d_in = out
             for name, g in p_grads.items():
                 p = getattr(call.module, name)

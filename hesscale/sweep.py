@@ -27,11 +27,9 @@ which route each module took in the last backward (also logged at DEBUG level).
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -39,13 +37,12 @@ from torch import Tensor, nn
 from . import unfused
 from .between import OpChain, Unknown, op_name, trace
 from .fused import UNFUSED, fused_sweep
+from .leaves import caller_stacklevel, direct_params_of_non_leaves, leaf_modules, named_roots
 from .names import SWEEP_METHODS
 from .output_hessians import exact_param_diag, exact_per_sample_diag
 from .rules import Rule, rule_for
 
 _log = logging.getLogger("hesscale")
-
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 @dataclass
@@ -60,54 +57,6 @@ class _Call:
     chain: OpChain | None = None  # known operations on captured outputs that made ``x``
     graph: bool = True  # connected to autograd's graph (else run under no_grad or on a local graph)
     g_out: Tensor | None = None  # unfused route: ∂L/∂y caught by a tensor hook
-
-
-_INTERNAL_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
-
-
-def _caller_stacklevel() -> int:
-    """``stacklevel`` of the first frame outside torch and hesscale: the line whose forward code
-    called the module (a warning then points there, not into ``nn.Module.__call__``)."""
-    frame, level = sys._getframe(2), 2  # level 1: the hook that calls this and warns
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _named_roots(modules: nn.Module | Iterable[nn.Module] | Mapping[str, nn.Module]) -> list[tuple[str, nn.Module]]:
-    """``(path prefix, root)`` pairs: a mapping's keys, else ``""`` for one root, ``[r]`` for several."""
-    if isinstance(modules, Mapping):
-        named = list(modules.items())
-    else:
-        roots = [modules] if isinstance(modules, nn.Module) else list(modules)
-        named = [("" if len(roots) == 1 else f"[{r}]", root) for r, root in enumerate(roots)]
-    if not named or not all(isinstance(m, nn.Module) for _, m in named):
-        raise TypeError(
-            "capture() needs an nn.Module, a non-empty iterable of nn.Modules or a {path: nn.Module} mapping"
-        )
-    return named
-
-
-def _leaf_modules(roots: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    seen: set[int] = set()
-    leaves = []
-    for prefix, root in roots:
-        for path, module in root.named_modules(prefix=prefix):
-            if id(module) in seen or next(module.children(), None) is not None:
-                continue
-            seen.add(id(module))
-            if not isinstance(module, _CONTAINERS):  # an empty container is the identity
-                leaves.append((path, module))
-    return leaves
-
-
-def _direct_params_of_non_leaves(roots: Sequence[nn.Module]) -> list[nn.Parameter]:
-    params = []
-    for root in roots:
-        for module in root.modules():
-            if next(module.children(), None) is not None:
-                params.extend(module.parameters(recurse=False))
-    return params
 
 
 class capture:
@@ -153,16 +102,16 @@ class capture:
     ):
         if method not in SWEEP_METHODS:
             raise ValueError(f"method={method!r} is not a sweep method; valid: {', '.join(SWEEP_METHODS)}")
-        named_roots = _named_roots(modules)
-        roots = [m for _, m in named_roots]
+        roots_named = named_roots(modules)
+        roots = [m for _, m in roots_named]
         self.method = method
         self.per_sample = per_sample
         self.fused = bool(fused)
-        self._leaves = [(path, module, rule_for(module, path)) for path, module in _leaf_modules(named_roots)]
+        self._leaves = [(path, module, rule_for(module, path)) for path, module in leaf_modules(roots_named)]
         module_params = [p for _, m, _ in self._leaves for p in m.parameters(recurse=False)]
         owned = {id(p) for p in module_params}
         leaf = []
-        for p in [*leaf_params, *_direct_params_of_non_leaves(roots)]:
+        for p in [*leaf_params, *direct_params_of_non_leaves(roots)]:
             if id(p) not in owned:
                 owned.add(id(p))
                 leaf.append(p)
@@ -275,7 +224,7 @@ class capture:
                 "operation the sweep does not carry; that part is treated as loss and differentiated "
                 "exactly (one Hessian-vector product per feature). Wrap it in a module with a rule "
                 "to keep the sweep cheap.",
-                stacklevel=_caller_stacklevel(),
+                stacklevel=caller_stacklevel(),
             )
         return a, None, None, True
 
@@ -285,7 +234,7 @@ class capture:
         if variable is not None:
             return self._alias_index.get(id(variable))
         for i, call in enumerate(self._calls):
-            if call.graph and call.alias.grad_fn is node:
+            if call.alias.grad_fn is node:
                 return i
         return None
 

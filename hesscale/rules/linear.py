@@ -42,7 +42,13 @@ class LinearRule(Rule):
         grads = {"weight": g.t().mm(x2d)}
         if module.bias is not None:
             grads["bias"] = g.sum(0)
-        hess = self.param_diag(module, x, y, d_out, per_sample)
+        if per_sample:
+            hess = self.param_diag(module, x, y, d_out, per_sample)
+        else:
+            d = d_out.reshape(-1, d_out.shape[-1])
+            hess = {"weight": d.t().mm(x2d.square())}
+            if module.bias is not None:
+                hess["bias"] = d.sum(0)
         if not need_input:
             return grads, hess, None, None
         w = module.weight

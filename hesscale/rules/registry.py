@@ -5,7 +5,7 @@ from torch import nn
 
 from .base import Rule
 from .conv import ConvRule
-from .elementwise import ACTIVATIONS, DropoutRule, ElementwiseRule
+from .elementwise import ACTIVATIONS, PAIRS, DropoutRule, ElementwiseRule
 from .embedding import EmbeddingRule
 from .linear import LinearRule
 from .normalization import BatchNormRule, LayerNormRule
@@ -27,7 +27,7 @@ _RULES: dict[type[nn.Module], Rule] = {
     nn.Unflatten: ReshapeRule(),
     nn.Identity: ReshapeRule(),
     nn.Dropout: DropoutRule(),
-    **{t: ElementwiseRule(first, second) for t, (first, second) in ACTIVATIONS.items()},
+    **{t: ElementwiseRule(first, second, PAIRS.get(t)) for t, (first, second) in ACTIVATIONS.items()},
 }
 
 
