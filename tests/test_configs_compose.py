@@ -57,7 +57,7 @@ def test_agent_opt_compose_and_instantiate(agent, opt):
 
     cfg = _compose([f"agent={agent}", f"opt={opt}", "env=pendulum", *SMALL[agent]])
     c = validate(cfg)
-    assert c["opt"]["lr"] == c["agent"]["lr"] > 0
+    assert c["opt"]["lr"] == cfg.agent.lr > 0 and "lr" not in c["agent"]  # one learning rate, opt.lr
     spec = optimizer_spec(c)
     norm = normalize_optimizer_config(spec, agent)
     second_order = opt.startswith("adahess") or opt.endswith("_scaled") or opt == "hesscale"
@@ -241,14 +241,14 @@ def test_every_opt_schema_key_is_checked_once_and_its_default_passes():
     from agents.experiment import validation as v
 
     leaves = v.schema_leaves()
-    assert {"opt.optimizer", "opt.scaling.delta", "opt.scaling.enabled", "opt.max_grad_norm"} <= set(leaves)
-    checks = [set(v.RANGES), set(v.NULLABLE_RANGES), set(v.BOOLEANS), set(v.CHOICES)]
+    assert {"opt.optimizer", "opt.scaling.delta", "opt.scaling.enabled"} <= set(leaves)
+    checks = [set(v.RANGES), set(v.BOOLEANS), set(v.CHOICES)]
     for key, default in leaves.items():
         if key in ("opt.name", "opt.kwargs"):  # the option's own name; a free mapping checked per entry
             continue
         assert sum(key in check for check in checks) == 1, key
         if isinstance(default, float):
-            assert default in {**v.RANGES, **v.NULLABLE_RANGES}[key], key
+            assert default in v.RANGES[key], key
     for opt in OPTS:
         text = (CONFIGS / "opt" / f"{opt}.yaml").read_text()
         assert "schema/base@_here_" in text or opt == "hesscale", opt
