@@ -38,6 +38,8 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch as th
 from torch import nn
 
+from hesscale.optim.protocols import CountsSkippedSteps, ReportsStepScales
+
 from .divergence import Diverged
 
 
@@ -193,7 +195,7 @@ class CurvatureUpdate:
         self._h_n = {n: 0 for n in self.group_names}
 
     def _record_step(self) -> None:
-        scales = getattr(self.optimizer, "last_scales", None)
+        scales = self.optimizer.last_scales if isinstance(self.optimizer, ReportsStepScales) else None
         for i, (name, group) in enumerate(zip(self.group_names, self.optimizer.param_groups)):
             if scales is not None:
                 key = group.get("name", i)
@@ -220,5 +222,5 @@ class CurvatureUpdate:
 
     @property
     def skipped_steps(self) -> int:
-        opt = self.optimizer
-        return int(getattr(opt, "skipped_steps", 0) or getattr(getattr(opt, "optimizer", None), "skipped_steps", 0) or 0)
+        """The optimizer's count of skipped group steps (0 for one that never skips, e.g. torch's)."""
+        return self.optimizer.skipped_steps if isinstance(self.optimizer, CountsSkippedSteps) else 0
