@@ -14,12 +14,14 @@ __all__ = [
     "FLAT_LIMIT",
     "MissingCurvatureError",
     "all_finite",
+    "bias_corrected_denominators",
     "check_betas",
     "check_in_unit_interval",
     "check_nonnegative",
     "check_positive",
     "clear_hess_diag",
     "group_key",
+    "negated",
     "param_label",
     "read_hess_diag",
     "scratch_buffers",
@@ -191,3 +193,47 @@ def update_moments(
         torch._foreach_addcmul_(second_moments, hess, hess, value=1.0 - beta2)
     else:
         torch._foreach_add_(second_moments, torch._foreach_abs(hess), alpha=1.0 - beta2)
+
+
+def bias_corrected_denominators(
+    v: list[Tensor], steps: list[int] | list[float], lr: float, beta1: float, beta2: float, eps: float,
+    power: float = 0.5, roots: list[Tensor] | None = None,
+) -> tuple[list[Tensor], float | list[float]]:
+    r"""The Adam-family step ``u = lr·(m/bc1) / ((v/bc2)^power + eps)`` as ``u = s·m / denom``.
+
+    The one place the bias corrections ``bc1 = 1−β1^t``, ``bc2 = 1−β2^t`` (t per tensor) enter:
+    with ``k = bc2^power`` the same step is ``(lr·k/bc1)·m / (v^power + eps·k)``, one pass less.
+    ``power`` 1/2: Adam and AdaHesScale "adam"/"sqrt"; 1: AdaHesScale "newton"; ``k/2``: AdaHessian
+    with ``hessian_power`` k. Returns new ``denom`` tensors (shaped like ``v``) and ``s`` (one
+    float if every t is equal, else one per tensor). ``roots``, if given, receive ``sqrt(v)``
+    (``power`` ≠ 1 only).
+    """
+    same_t = all(t == steps[0] for t in steps)
+    bc1 = [1.0 - beta1**t for t in steps]
+    bc2 = [1.0 - beta2**t for t in steps]
+    k = [math.sqrt(b) if power == 0.5 else b**power for b in bc2]
+    eps_k = [eps * ki for ki in k]
+    scale = [lr * ki / b for ki, b in zip(k, bc1)]
+    eps_k = _one_or_all(eps_k, same_t)
+    if power == 1.0:
+        denom = torch._foreach_add(v, eps_k)
+    elif power == 0.5 and roots is None:
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_add_(denom, eps_k)
+    else:
+        root = sqrt_into(roots, v) if roots is not None else torch._foreach_sqrt(v)
+        if power == 0.5:
+            denom = torch._foreach_add(root, eps_k)
+        else:
+            denom = torch._foreach_pow(root, 2.0 * power)
+            torch._foreach_add_(denom, eps_k)
+    return denom, _one_or_all(scale, same_t)
+
+
+def _one_or_all(values: list[float], same: bool) -> float | list[float]:
+    return values[0] if same else values
+
+
+def negated(scale: float | list[float]) -> float | list[float]:
+    """``-scale`` for one scalar or each of a list (foreach scalar arguments)."""
+    return -scale if isinstance(scale, float) else [-s for s in scale]

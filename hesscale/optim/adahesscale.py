@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -13,11 +12,12 @@ from . import _common
 from ._base import CurvatureOptimizer
 from ._common import (
     all_finite,
+    bias_corrected_denominators,
     check_betas,
     check_nonnegative,
     check_positive,
+    negated,
     read_hess_diag,
-    sqrt_into,
     update_moments,
 )
 from ._flat import FlatState
@@ -176,6 +176,11 @@ class AdaHesScale(CurvatureOptimizer):
         return flat
 
 
+def _power(variant: str) -> float:
+    """The exponent of ``v/bc2`` in the denominator: 1 for "newton", 1/2 otherwise."""
+    return 1.0 if variant == "newton" else 0.5
+
+
 def _update(
     params: list[Tensor],
     grads: list[Tensor],
@@ -193,24 +198,12 @@ def _update(
         [params, grads, hess, exp_avgs, exp_avg_sqs], with_indices=True
     )
     for (p, g, h, m, v), indices in grouped.values():
-        t = [steps[i] for i in indices]
         update_moments(p, g, h, m, v, lr, weight_decay, beta1, beta2, squared=variant == "adam")
-
-        # lr·(m/bc1) / (sqrt(v)/sqrt(bc2) + eps) = (lr·sqrt(bc2)/bc1)·m / (sqrt(v) + eps·sqrt(bc2)):
-        # the same step with one pass less (newton: bc2 in place of sqrt(bc2), v in place of sqrt(v)).
-        same_t = all(ti == t[0] for ti in t)
-        bc1 = [1.0 - beta1**ti for ti in t]
-        bc2 = [1.0 - beta2**ti for ti in t]
-        k = bc2 if variant == "newton" else [math.sqrt(b) for b in bc2]
-        eps_k = _scalars([eps * ki for ki in k], same_t)
-        if variant == "newton":
-            denom = torch._foreach_add(v, eps_k)
-        elif roots is None:
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_add_(denom, eps_k)
-        else:
-            denom = torch._foreach_add(sqrt_into([roots[i] for i in indices], v), eps_k)
-        torch._foreach_addcdiv_(p, m, denom, _scalars([-lr * ki / b for ki, b in zip(k, bc1)], same_t))
+        rs = [roots[i] for i in indices] if roots is not None else None
+        denom, scale = bias_corrected_denominators(
+            v, [steps[i] for i in indices], lr, beta1, beta2, eps, _power(variant), rs
+        )
+        torch._foreach_addcdiv_(p, m, denom, negated(scale))
 
 
 def _flat_update(
@@ -224,15 +217,6 @@ def _flat_update(
         v.addcmul_(h, h, value=1.0 - beta2)
     else:
         v.add_(h.abs(), alpha=1.0 - beta2)
-    bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
-    k = bc2 if variant == "newton" else math.sqrt(bc2)  # see _update: one pass less, same step
-    if variant == "newton":
-        denom = v + eps * k
-    else:
-        denom = torch.sqrt(v, out=root) if root is not None else torch.sqrt(v)
-        denom = denom + eps * k if root is not None else denom.add_(eps * k)
-    return torch.div(m, denom, out=denom).mul_(lr * k / bc1)
-
-
-def _scalars(values: list[float], same: bool) -> float | list[float]:
-    return values[0] if same else values
+    roots = [root] if root is not None else None
+    (denom,), scale = bias_corrected_denominators([v], [t], lr, beta1, beta2, eps, _power(variant), roots)
+    return torch.div(m, denom, out=denom).mul_(scale)

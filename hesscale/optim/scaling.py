@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +19,7 @@ from ._common import (
     group_key,
     read_hess_diag,
 )
-from ._flat import Chunk, flatten_into, make_chunks, partial_sums
+from ._flat import Chunk, flatten_into, gather_gh, make_chunks
 
 __all__ = ["StepSizeScaling"]
 
@@ -71,43 +71,26 @@ class StepSizeScaling(torch.optim.Optimizer):
         check_positive("delta", delta)
         check_positive("max_scale", max_scale)
         check_in_unit_interval("beta", beta)
-        # Deliberately not calling Optimizer.__init__: param_groups must stay the wrapped ones.
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
+        # torch's own initialisation (hooks, state, step patching) on copies of the wrapped groups;
+        # then the wrapped optimizer's list of groups and defaults are shared, not copied.
+        super().__init__([dict(g) for g in optimizer.param_groups], optimizer.defaults)
+        self.param_groups = optimizer.param_groups
         self.optimizer = optimizer
         if isinstance(optimizer, CurvatureOptimizer):
             optimizer.keep_curvature_scale = True  # lets us reuse its sqrt(v) when it is our c
         self.delta = float(delta)
         self.max_scale = float(max_scale)
         self.beta = float(beta)
-        self.state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
         self.last_scales: dict[str | int, float] = {}
         self.skipped_steps = 0
         self._chunks: dict[int, tuple[tuple[int, ...], list[Chunk]]] = {}  # flat work buffers per group
 
     # -- sharing the wrapped optimizer's groups -----------------------------------------------
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add the group to the wrapped optimizer (whose list of groups this one shares)."""
+        if "optimizer" not in self.__dict__:  # inside Optimizer.__init__: torch's own bookkeeping
+            super().add_param_group(param_group)
+            return
         self.optimizer.add_param_group(param_group)
 
     def __repr__(self) -> str:
@@ -120,8 +103,7 @@ class StepSizeScaling(torch.optim.Optimizer):
         return dict(self.__dict__)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._patch_step_function()
+        super().__setstate__(state)
 
     # -- the torch optimizer interface ----------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -156,19 +138,24 @@ class StepSizeScaling(torch.optim.Optimizer):
             if not checks_itself:
                 hess = [read_hess_diag(p, "StepSizeScaling", group, gi, pi) for pi, p in zip(indices, params)]
                 per_chunk = [[hess[i] for i in ch.positions] for ch in chunks]
-                sums = []
+                flat_h, sums = [], []
                 for ch, h in zip(chunks, per_chunk):
-                    sums += partial_sums(ch, "before", [p.grad for p in ch.params])
-                    sums += partial_sums(ch, "work", h)  # small chunks keep ĥ in ch.work
+                    if ch.small:
+                        gh, _, h_flat = gather_gh(ch, [p.grad for p in ch.params], h)
+                        sums.append(gh.sum())
+                        flat_h.append(h_flat)
+                    else:
+                        sums += [t.sum() for t in [p.grad for p in ch.params] + h]
+                        flat_h.append(None)
                 if not _finite(sums):
                     skipped.add(gi)
                     hidden.extend((p, p.grad) for p in params)
                     plans.append(None)
                     continue
-                for ch, h in zip(chunks, per_chunk):
-                    self._update_ema(ch, h, in_work=True)
+                for ch, h, h_flat in zip(chunks, per_chunk, flat_h):
+                    self._update_ema(ch, h, h_flat)
             for ch in chunks:
-                flatten_into(ch, "before", ch.params)
+                flatten_into(ch, "theta", ch.params)
             plans.append((indices, params, chunks))
 
         # 2. The wrapped optimizer's own step.
@@ -194,24 +181,19 @@ class StepSizeScaling(torch.optim.Optimizer):
                 hess = [read_hess_diag(p, "StepSizeScaling", group, gi, pi) for pi, p in zip(indices, params)]
             dots = []
             for ch in chunks:
-                torch._foreach_sub_(ch.views_of("before"), ch.params)  # before := u = θ_before − θ_after
-                if roots is not None and not ch.small:  # c·u in the optimizer's own scratch
-                    c, u = [roots[i] for i in ch.positions], ch.views_of("before")
-                    torch._foreach_mul_(c, u)
-                    dots.extend(torch.dot(a.view(-1), b.view(-1)) for a, b in zip(c, u))
-                    continue
+                u = flatten_into(ch, "u", ch.params)  # θ_after, then u = θ_before − θ_after
+                torch.sub(ch.buffer("theta"), u, out=u)
                 if roots is not None:
-                    flatten_into(ch, "work", [roots[i] for i in ch.positions])
+                    c = flatten_into(ch, "c", [roots[i] for i in ch.positions])
                 else:
                     if hess is not None:
-                        self._update_ema(ch, [hess[i] for i in ch.positions], in_work=False)
-                    torch.sqrt(self._ema(ch), out=ch.work)
-                ch.work.mul_(ch.before)
-                dots.append(torch.dot(ch.work, ch.before))
+                        self._update_ema(ch, [hess[i] for i in ch.positions], None)
+                    c = torch.sqrt(self._ema(ch), out=ch.buffer("c"))
+                dots.append(torch.dot(torch.mul(c, u, out=ch.buffer("cu")), u))
             alpha = self._alpha(_sum_scalars(dots))
             if alpha != 1.0:
                 for ch in chunks:  # θ_after + (1−α)·u = θ_before − α·u
-                    torch._foreach_add_(ch.params, ch.views_of("before"), alpha=1.0 - alpha)
+                    torch._foreach_add_(ch.params, ch.views_of("u"), alpha=1.0 - alpha)
             self.last_scales[group_key(group, gi)] = alpha
         return loss
 
@@ -232,22 +214,19 @@ class StepSizeScaling(torch.optim.Optimizer):
 
     def _ema(self, ch: Chunk) -> Tensor:
         """The flat EMA of a chunk; per-param views of it are this wrapper's state."""
-        if ch.ema is None:
-            ch.ema = torch.zeros_like(ch.work)
+        if "ema" not in ch.buffers:
             for p, view in zip(ch.params, ch.views_of("ema")):
                 old = self.state[p].get("curvature_ema")
                 if old is not None:
                     view.copy_(old)
                 self.state[p]["curvature_ema"] = view
-        return ch.ema
+        return ch.buffer("ema")
 
-    def _update_ema(self, ch: Chunk, hess: list[Tensor], in_work: bool) -> None:
-        """``e ← beta·e + (1−beta)·ĥ²`` (flat for small chunks, where ĥ may already be in ``ch.work``)."""
+    def _update_ema(self, ch: Chunk, hess: list[Tensor], flat: Tensor | None) -> None:
+        """``e ← beta·e + (1−beta)·ĥ²``: on the flat copy ``flat`` of ``hess`` if given, else per tensor."""
         ema = self._ema(ch)
-        if ch.small:
-            if not in_work:
-                flatten_into(ch, "work", hess)
-            ema.mul_(self.beta).addcmul_(ch.work, ch.work, value=1.0 - self.beta)
+        if flat is not None:
+            ema.mul_(self.beta).addcmul_(flat, flat, value=1.0 - self.beta)
         else:
             views = ch.views_of("ema")
             torch._foreach_mul_(views, self.beta)
@@ -270,6 +249,7 @@ class StepSizeScaling(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.param_groups = self.optimizer.param_groups  # torch rebuilt the wrapped list: share it again
         scaler = state_dict["scaler"]
         params = [p for g in self.param_groups for p in g["params"]]
         self.state = defaultdict(dict)
