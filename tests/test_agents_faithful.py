@@ -115,6 +115,7 @@ def test_scaled_adam_with_unit_scale_and_clipping_matches_upstream(algo):
     assert ours.uses_curvature
     for update in ours._updates.values():
         assert set(update.optimizer.last_scales.values()) == {1.0}
+        assert update.optimizer.last_route == "fused"  # SB3's default policies: no parameter snapshot
     assert _max_rel(_params(ours), upstream) <= 1e-5
 
 
