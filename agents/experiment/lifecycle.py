@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from agents.experiment.results import (CONFIG_FILE, DONE, RESULT_FILE, RESULTS_FORMAT, RunStatus, now_iso,
-                                       provenance, read_result, write_json)
+from agents.experiment.results import (CONFIG_FILE, DONE, FINAL_EVAL_FILE, RESULT_FILE, RESULTS_FORMAT, RunStatus,
+                                       now_iso, provenance, read_result, write_json)
 from agents.experiment.store import CheckpointStore, load_state
 
 # keys that may differ between the session that wrote a checkpoint and the one resuming it
 VOLATILE_KEYS = ("progress_bar", "verbose", "rerun", "threads", "checkpoint", "save_model", "device",
                  "out_dir", "sweep_name")
-OUTPUTS = ("evaluations.npz", "model.zip", "vecnormalize.pkl", "error.txt", RESULT_FILE)
+OUTPUTS = ("evaluations.npz", "model.zip", "vecnormalize.pkl", FINAL_EVAL_FILE, "error.txt", RESULT_FILE)
 
 
 def identity(c: dict) -> dict:
