@@ -128,6 +128,7 @@ def test_scaled_adam_with_unit_scale_matches_upstream_sac():
     assert all(u.max_grad_norm is None for u in ours._updates.values())
     for update in ours._updates.values():
         assert set(update.optimizer.last_scales.values()) == {1.0}
+        assert update.optimizer.last_route == "fused"  # SB3's default policies: no parameter snapshot
     assert _max_rel(_params(ours), upstream) <= 1e-5
 
 

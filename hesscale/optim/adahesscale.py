@@ -20,7 +20,7 @@ from ._common import (
     read_hess_diag,
     update_moments,
 )
-from ._flat import FlatState
+from ._flat import FlatLayout, build_flat_layout, param_views
 
 __all__ = ["AdaHesScale"]
 
@@ -129,7 +129,7 @@ class AdaHesScale(CurvatureOptimizer):
         params: list[Tensor],
         grads: list[Tensor],
         hess: list[Tensor],
-        flat: FlatState,
+        flat: FlatLayout,
     ) -> None:
         """The path of small groups: one flat copy of g and ĥ, a handful of launches in all."""
         gh = torch.cat([t.reshape(-1) for t in grads + hess])
@@ -140,43 +140,36 @@ class AdaHesScale(CurvatureOptimizer):
             self.state[p]["step"] += 1
         n = gh.numel() // 2
         keep = self.keep_curvature_scale and group["variant"] == "adam"
-        root = torch.empty_like(flat.exp_avg) if keep else None
+        m, v = flat.flat["exp_avg"], flat.flat["exp_avg_sq"]
+        root = torch.empty_like(m) if keep else None
         t = self.state[params[0]]["step"]
-        u = _flat_update(gh[:n], gh[n:], flat.exp_avg, flat.exp_avg_sq, t, group, root)
+        u = _flat_update(gh[:n], gh[n:], m, v, t, group, root)
         if group["weight_decay"] != 0.0:
             torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
-        torch._foreach_sub_(params, flat.views(u))
+        torch._foreach_sub_(params, param_views(params, u))
         if root is not None:
-            self._keep_roots(gi, flat.views(root))
+            self._keep_roots(gi, param_views(params, root))
 
-    def _flat_state(self, gi: int, params: list[Tensor]) -> FlatState | None:
+    def _flat_state(self, gi: int, params: list[Tensor]) -> FlatLayout | None:
         """Flat ``exp_avg``/``exp_avg_sq`` of a small, uniform group (per-param state = views), else None."""
         first = params[0]
         if sum(p.numel() for p in params) > _common.FLAT_LIMIT:
             return None
         if any(p.device != first.device or p.dtype != first.dtype for p in params):
             return None
-        steps = {self.state[p].get("step", 0) if p in self.state else 0 for p in params}
-        if len(steps) != 1:  # bias corrections differ per param: the general path handles it
-            return None
-        key = tuple(id(p) for p in params)
+        states = [self.state[p] for p in params]
         cached = self._flat_cache.get(gi)
-        if cached is not None and cached.key == key:
+        if cached is not None and cached.intact(params, states, "int"):
             return cached
-        flat = FlatState.build(key, params)
-        for p, m, v in zip(params, flat.views(flat.exp_avg), flat.views(flat.exp_avg_sq)):
-            state = self.state[p]
-            if state:
-                m.copy_(state["exp_avg"])
-                v.copy_(state["exp_avg_sq"])
-            else:
-                state["step"] = 0
-            state["exp_avg"], state["exp_avg_sq"] = m, v
-        self._flat_cache[gi] = flat
-        return flat
+        self._ensure_state(params)
+        # None when the step counts differ (bias corrections per param): the general path handles it
+        layout = build_flat_layout(params, states, ("exp_avg", "exp_avg_sq"), step="int")
+        if layout is not None:
+            self._flat_cache[gi] = layout
+        return layout
 
 
-def _power(variant: str) -> float:
+def power_of(variant: str) -> float:
     """The exponent of ``v/bc2`` in the denominator: 1 for "newton", 1/2 otherwise."""
     return 1.0 if variant == "newton" else 0.5
 
@@ -198,10 +191,12 @@ def _update(
         [params, grads, hess, exp_avgs, exp_avg_sqs], with_indices=True
     )
     for (p, g, h, m, v), indices in grouped.values():
-        update_moments(p, g, h, m, v, lr, weight_decay, beta1, beta2, squared=variant == "adam")
+        if weight_decay != 0.0:
+            torch._foreach_mul_(p, 1.0 - lr * weight_decay)
+        update_moments(g, h, m, v, beta1, beta2, squared=variant == "adam")
         rs = [roots[i] for i in indices] if roots is not None else None
         denom, scale = bias_corrected_denominators(
-            v, [steps[i] for i in indices], lr, beta1, beta2, eps, _power(variant), rs
+            v, [steps[i] for i in indices], lr, beta1, beta2, eps, power_of(variant), rs
         )
         torch._foreach_addcdiv_(p, m, denom, negated(scale))
 
@@ -211,12 +206,7 @@ def _flat_update(
 ) -> Tensor:
     """The same update on flat tensors; returns the step ``lr·(m/bc1)/denom`` (weight decay aside)."""
     lr, (beta1, beta2), eps, variant = group["lr"], group["betas"], group["eps"], group["variant"]
-    m.lerp_(g, 1.0 - beta1)
-    v.mul_(beta2)
-    if variant == "adam":
-        v.addcmul_(h, h, value=1.0 - beta2)
-    else:
-        v.add_(h.abs(), alpha=1.0 - beta2)
+    update_moments([g], [h], [m], [v], beta1, beta2, squared=variant == "adam")
     roots = [root] if root is not None else None
-    (denom,), scale = bias_corrected_denominators([v], [t], lr, beta1, beta2, eps, _power(variant), roots)
+    (denom,), scale = bias_corrected_denominators([v], [t], lr, beta1, beta2, eps, power_of(variant), roots)
     return torch.div(m, denom, out=denom).mul_(scale)

@@ -177,7 +177,9 @@ def _update(
         [params, grads, hess, exp_avgs, exp_sqs], with_indices=True
     )
     for (p, g, d, m, v), indices in grouped.values():
-        update_moments(p, g, d, m, v, lr, weight_decay, beta1, beta2)
+        if weight_decay != 0.0:
+            torch._foreach_mul_(p, 1.0 - lr * weight_decay)
+        update_moments(g, d, m, v, beta1, beta2)
         rs = [roots[i] for i in indices] if roots is not None else None
         denom, scale = bias_corrected_denominators(v, [steps[i] for i in indices], lr, beta1, beta2, eps, k / 2, rs)
         torch._foreach_addcdiv_(p, m, denom, negated(scale))

@@ -19,7 +19,8 @@ from ._common import (
     group_key,
     read_hess_diag,
 )
-from ._flat import Chunk, flatten_into, gather_gh, make_chunks
+from ._flat import Chunk, FlatLayout, flatten_into, gather_gh, make_chunks
+from ._fused import fused_rule, fused_step
 
 __all__ = ["StepSizeScaling"]
 
@@ -50,11 +51,19 @@ class StepSizeScaling(torch.optim.Optimizer):
     index) to its last α; ``skipped_steps`` counts groups skipped because a gradient or curvature
     was non-finite (the wrapped optimizer's state is then left untouched).
 
+    Two routes give the same step up to rounding; ``last_route`` names the one the last step took.
+    *fused* (Adam, AdamW, RMSprop, SGD, AdaHesScale, AdaHessian, one device and dtype per group,
+    no ``differentiable``/``capturable``/``fused`` torch option): the update ``u`` is computed from
+    the optimizer's own state by the rule in ``_updates`` and applied once as ``θ ← θ − α·u``.
+    *snapshot* (any other optimizer, or ``fused=False``): θ is copied, the wrapped optimizer steps,
+    and ``u = θ_before − θ_after`` is rescaled.
+
     Args:
         optimizer: the optimizer to wrap.
         delta: the allowed model decrease δ (> 0).
         max_scale: the largest α (> 0); 1 means the scaling only ever shrinks a step.
         beta: the EMA factor of ĥ², in [0, 1).
+        fused: take the fused route where the update is known (False: always the snapshot route).
     """
 
     def __init__(
@@ -63,6 +72,7 @@ class StepSizeScaling(torch.optim.Optimizer):
         delta: float = 1e-8,
         max_scale: float = 1.0,
         beta: float = 0.999,
+        fused: bool = True,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"StepSizeScaling wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -83,7 +93,10 @@ class StepSizeScaling(torch.optim.Optimizer):
         self.beta = float(beta)
         self.last_scales: dict[str | int, float] = {}
         self.skipped_steps = 0
+        self.fused = bool(fused)
+        self.last_route = ""
         self._chunks: dict[int, tuple[tuple[int, ...], list[Chunk]]] = {}  # flat work buffers per group
+        self._layouts: dict[int, FlatLayout] = {}  # the fused route's flat state of small groups
 
     # -- sharing the wrapped optimizer's groups -----------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -95,7 +108,7 @@ class StepSizeScaling(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return (
-            f"StepSizeScaling(delta={self.delta}, max_scale={self.max_scale}, beta={self.beta},\n"
+            f"StepSizeScaling(delta={self.delta}, max_scale={self.max_scale}, beta={self.beta}, fused={self.fused},\n"
             f"  {self.optimizer!r})"
         )
 
@@ -104,6 +117,9 @@ class StepSizeScaling(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("fused", True)
+        self.__dict__.setdefault("last_route", "")
+        self.__dict__.setdefault("_layouts", {})
 
     # -- the torch optimizer interface ----------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -113,11 +129,25 @@ class StepSizeScaling(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """The wrapped optimizer's step, then each group's step rescaled by its α."""
+        """The wrapped optimizer's update of each group, rescaled by its α (fused or snapshot route)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        plans: list[tuple[list[int], list[Tensor]] | None] = []
+        for group in self.param_groups:
+            indices = [pi for pi, p in enumerate(group["params"]) if p.grad is not None]
+            plans.append((indices, [group["params"][pi] for pi in indices]) if indices else None)
+        rule = fused_rule(self, plans) if self.fused else None
+        self.last_route = "fused" if rule is not None else "snapshot"
+        if rule is not None:
+            fused_step(self, rule, plans)
+        else:
+            self._snapshot_step(plans)
+        return loss
+
+    def _snapshot_step(self, plans: list[tuple[list[int], list[Tensor]] | None]) -> None:
+        """The route for any optimizer: snapshot θ, let it step, recover ``u = θ_before − θ_after``."""
         inner = self.optimizer
         checks_itself = isinstance(inner, CurvatureOptimizer)
         groups = self.param_groups
@@ -125,15 +155,14 @@ class StepSizeScaling(torch.optim.Optimizer):
         # 1. Per group: the stepping params and θ_before. For a plain torch optimizer, also read
         #    the curvature, check finiteness and update the EMA now; a non-finite group gets its
         #    grads hidden so that the wrapped optimizer skips it and leaves its state untouched.
-        plans: list[tuple[list[int], list[Tensor], list[Chunk]] | None] = []
+        chunked: list[tuple[list[int], list[Tensor], list[Chunk]] | None] = []
         skipped: set[int] = set()
         hidden: list[tuple[Tensor, Tensor]] = []
-        for gi, group in enumerate(groups):
-            indices = [pi for pi, p in enumerate(group["params"]) if p.grad is not None]
-            if not indices:
-                plans.append(None)
+        for gi, (group, plan) in enumerate(zip(groups, plans)):
+            if plan is None:
+                chunked.append(None)
                 continue
-            params = [group["params"][pi] for pi in indices]
+            indices, params = plan
             chunks = self._chunks_for(gi, params)
             if not checks_itself:
                 hess = [read_hess_diag(p, "StepSizeScaling", group, gi, pi) for pi, p in zip(indices, params)]
@@ -150,13 +179,13 @@ class StepSizeScaling(torch.optim.Optimizer):
                 if not _finite(sums):
                     skipped.add(gi)
                     hidden.extend((p, p.grad) for p in params)
-                    plans.append(None)
+                    chunked.append(None)
                     continue
                 for ch, h, h_flat in zip(chunks, per_chunk, flat_h):
                     self._update_ema(ch, h, h_flat)
             for ch in chunks:
                 flatten_into(ch, "theta", ch.params)
-            plans.append((indices, params, chunks))
+            chunked.append((indices, params, chunks))
 
         # 2. The wrapped optimizer's own step.
         for p, _ in hidden:
@@ -171,7 +200,7 @@ class StepSizeScaling(torch.optim.Optimizer):
         self.skipped_steps += len(skipped)
 
         # 3. Per group: u = θ_before − θ_after, c, T = Σ c·u², α, θ = θ_before − α·u.
-        for gi, (group, plan) in enumerate(zip(groups, plans)):
+        for gi, (group, plan) in enumerate(zip(groups, chunked)):
             if plan is None or gi in skipped:
                 continue
             indices, params, chunks = plan
@@ -189,13 +218,12 @@ class StepSizeScaling(torch.optim.Optimizer):
                     if hess is not None:
                         self._update_ema(ch, [hess[i] for i in ch.positions], None)
                     c = torch.sqrt(self._ema(ch), out=ch.buffer("c"))
-                dots.append(torch.dot(torch.mul(c, u, out=ch.buffer("cu")), u))
+                dots.append(torch.dot(c.mul_(u), u))  # c is scratch: c·u in place
             alpha = self._alpha(_sum_scalars(dots))
             if alpha != 1.0:
                 for ch in chunks:  # θ_after + (1−α)·u = θ_before − α·u
                     torch._foreach_add_(ch.params, ch.views_of("u"), alpha=1.0 - alpha)
             self.last_scales[group_key(group, gi)] = alpha
-        return loss
 
     def _alpha(self, total: float) -> float:
         """``min(max_scale, sqrt(2δ/T))``; ``max_scale`` for T = 0, 0 (no step) for T = inf or NaN."""
@@ -261,7 +289,7 @@ class StepSizeScaling(torch.optim.Optimizer):
         self.beta = float(scaler["beta"])
         self.skipped_steps = int(scaler["skipped_steps"])
         self.last_scales = dict(scaler["last_scales"])
-        self._chunks = {}  # rebuilt from the loaded state at the next step
+        self._chunks, self._layouts = {}, {}  # rebuilt from the loaded state at the next step
 
     def _param_indices(self) -> dict[int, int]:
         index: dict[int, int] = {}
