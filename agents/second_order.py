@@ -145,7 +145,7 @@ class CurvatureUpdate:
             for p, g in zip(params, grads):
                 p.grad = g
         else:
-            cap.backward(loss, output_hessians=output_hessians, external_grads=bool(leaf_hessians))
+            cap.backward(loss, output_hessians=output_hessians, external_grads=list(leaf_hessians or ()))
             for p, h in (leaf_hessians or {}).items():
                 p.hess_diag = h
         if self.max_grad_norm is not None:

@@ -297,8 +297,11 @@ def test_closed_form_head_hessians_equal_the_cores_autograd_route(algo, use_sde)
             assert model.logger.name_to_value["train/clip_fraction"] > 0
     assert len(records[True]) == len(records[False]) >= 2
     for a, b in zip(records[True], records[False]):  # the runs agree to float rounding throughout
+        # relative to the step's largest entry: a head bias whose per-sample terms nearly cancel
+        # (A2C's normalised advantages) is all rounding relative to itself
+        scale = max(float(h.abs().max()) for h in b["hess"])
         for h1, h2 in zip(a["hess"], b["hess"]):
-            assert float((h1 - h2).abs().max() / h2.abs().max().clamp_min(1e-8)) < 1e-4
+            assert float((h1 - h2).abs().max()) / scale < 1e-4
 
 
 def test_curvature_method_choice_reaches_the_sweep():
