@@ -91,6 +91,9 @@ class CurvatureUpdate:
         self.clip_params = list(clip_params) if clip_params is not None else self.params
         self.group_names = [str(g.get("name", i)) for i, g in enumerate(optimizer.param_groups)]
         self._capture = None
+        # runtime-checkable Protocol checks are slow: once here, not per step
+        self._reports_scales = isinstance(optimizer, ReportsStepScales)
+        self._counts_skips = isinstance(optimizer, CountsSkippedSteps)
         self._reset_stats()
 
     def check_modules(self) -> None:
@@ -195,7 +198,7 @@ class CurvatureUpdate:
         self._h_n = {n: 0 for n in self.group_names}
 
     def _record_step(self) -> None:
-        scales = self.optimizer.last_scales if isinstance(self.optimizer, ReportsStepScales) else None
+        scales = self.optimizer.last_scales if self._reports_scales else None
         for i, (name, group) in enumerate(zip(self.group_names, self.optimizer.param_groups)):
             if scales is not None:
                 key = group.get("name", i)
@@ -223,4 +226,4 @@ class CurvatureUpdate:
     @property
     def skipped_steps(self) -> int:
         """The optimizer's count of skipped group steps (0 for one that never skips, e.g. torch's)."""
-        return self.optimizer.skipped_steps if isinstance(self.optimizer, CountsSkippedSteps) else 0
+        return self.optimizer.skipped_steps if self._counts_skips else 0

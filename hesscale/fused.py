@@ -72,11 +72,12 @@ def fused_sweep(
                 routes[call.path] = AUTOGRAD
                 out = _vjp_backward(call, g_out, d_out, gauss_newton, per_sample, need_input)
             p_grads, p_hess, g_in, d_in = out
+            owned = call.module._parameters
             for name, g in p_grads.items():
-                p = getattr(call.module, name)
+                p = owned[name]
                 grads[p] = g if p not in grads else grads[p] + g
             for name, h in p_hess.items():
-                p = getattr(call.module, name)
+                p = owned[name]
                 hess[p] = h if p not in hess else hess[p] + h
             if call.producer is not None:
                 add(call.producer, g_in, d_in)

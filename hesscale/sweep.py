@@ -171,8 +171,11 @@ class capture:
             elif not (live or trainable):
                 return forward(x, **kwargs)  # a constant: nothing to record
             elif rule.fused:
-                with torch.no_grad():
+                torch._C._set_grad_enabled(False)  # as torch.no_grad(), without the context object
+                try:
                     y = forward(x.clone() if inplace else x, **kwargs)
+                finally:
+                    torch._C._set_grad_enabled(True)
             else:
                 x = x.detach().requires_grad_(live)
                 y = forward(x.clone() if inplace else x, **kwargs)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._common import clear_hess_diag, scratch_buffers
-from ._flat import FlatLayout
+from ._flat import Chunk, FlatLayout
 
 __all__ = ["CurvatureOptimizer"]
 
@@ -39,6 +39,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._roots: dict[int, list[Tensor]] = {}
         self._root_buffers: dict[Tensor, Tensor] = {}
         self._flat_cache: dict[int, FlatLayout] = {}
+        self._chunks: dict[int, tuple[tuple[int, ...], list[Chunk]]] = {}  # flat work buffers per group
         super().__init__(params, defaults)
 
     # -- hooks for subclasses ----------------------------------------------------------------
@@ -131,6 +132,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_roots", {})
         self.__dict__.setdefault("_root_buffers", {})
         self.__dict__.setdefault("_flat_cache", {})
+        self.__dict__.setdefault("_chunks", {})
 
     def _begin_step(self) -> None:
         self.last_skipped_groups = set()

@@ -20,7 +20,7 @@ from ._common import (
     read_hess_diag,
     update_moments,
 )
-from ._flat import FlatLayout, build_flat_layout, param_views
+from ._flat import FlatLayout, build_flat_layout, cached_chunks, gather_gh
 
 __all__ = ["AdaHesScale"]
 
@@ -132,23 +132,22 @@ class AdaHesScale(CurvatureOptimizer):
         flat: FlatLayout,
     ) -> None:
         """The path of small groups: one flat copy of g and ĥ, a handful of launches in all."""
-        gh = torch.cat([t.reshape(-1) for t in grads + hess])
+        (chunk,) = cached_chunks(self._chunks, gi, params)
+        gh, g, h = gather_gh(chunk, grads, hess)
         if not bool(torch.isfinite(gh.sum())):
             self._skip_group(gi)
             return
         for p in params:
             self.state[p]["step"] += 1
-        n = gh.numel() // 2
         keep = self.keep_curvature_scale and group["variant"] == "adam"
-        m, v = flat.flat["exp_avg"], flat.flat["exp_avg_sq"]
-        root = torch.empty_like(m) if keep else None
+        root = chunk.buffer("c") if keep else None
         t = self.state[params[0]]["step"]
-        u = _flat_update(gh[:n], gh[n:], m, v, t, group, root)
+        scale = _flat_update(g, h, flat.flat["exp_avg"], flat.flat["exp_avg_sq"], t, group, root, chunk.buffer("u"))
         if group["weight_decay"] != 0.0:
             torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
-        torch._foreach_sub_(params, param_views(params, u))
+        torch._foreach_add_(params, chunk.views_of("u"), alpha=-scale)
         if root is not None:
-            self._keep_roots(gi, param_views(params, root))
+            self._keep_roots(gi, chunk.views_of("c"))
 
     def _flat_state(self, gi: int, params: list[Tensor]) -> FlatLayout | None:
         """Flat ``exp_avg``/``exp_avg_sq`` of a small, uniform group (per-param state = views), else None."""
@@ -202,11 +201,12 @@ def _update(
 
 
 def _flat_update(
-    g: Tensor, h: Tensor, m: Tensor, v: Tensor, t: int, group: dict[str, Any], root: Tensor | None
-) -> Tensor:
-    """The same update on flat tensors; returns the step ``lr·(m/bc1)/denom`` (weight decay aside)."""
+    g: Tensor, h: Tensor, m: Tensor, v: Tensor, t: int, group: dict[str, Any], root: Tensor | None, out: Tensor
+) -> float:
+    """The same update on flat tensors: ``out = m/denom``; returns ``s`` (the step is ``s·out``, decay aside)."""
     lr, (beta1, beta2), eps, variant = group["lr"], group["betas"], group["eps"], group["variant"]
     update_moments([g], [h], [m], [v], beta1, beta2, squared=variant == "adam")
     roots = [root] if root is not None else None
-    (denom,), scale = bias_corrected_denominators([v], [t], lr, beta1, beta2, eps, power_of(variant), roots)
-    return torch.div(m, denom, out=denom).mul_(scale)
+    _, scale = bias_corrected_denominators([v], [t], lr, beta1, beta2, eps, power_of(variant), roots, out=[out])
+    torch.div(m, out, out=out)
+    return scale

@@ -19,7 +19,7 @@ from ._common import (
     group_key,
     read_hess_diag,
 )
-from ._flat import Chunk, FlatLayout, flatten_into, gather_gh, make_chunks
+from ._flat import Chunk, FlatLayout, cached_chunks, flatten_into, gather_gh
 from ._fused import fused_rule, fused_step
 
 __all__ = ["StepSizeScaling"]
@@ -234,11 +234,7 @@ class StepSizeScaling(torch.optim.Optimizer):
         return min(self.max_scale, math.sqrt(2.0 * self.delta / total))
 
     def _chunks_for(self, gi: int, params: list[Tensor]) -> list[Chunk]:
-        key = tuple(id(p) for p in params)
-        cached = self._chunks.get(gi)
-        if cached is None or cached[0] != key:
-            cached = self._chunks[gi] = (key, make_chunks(params))
-        return cached[1]
+        return cached_chunks(self._chunks, gi, params)
 
     def _ema(self, ch: Chunk) -> Tensor:
         """The flat EMA of a chunk; per-param views of it are this wrapper's state."""
