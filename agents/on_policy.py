@@ -110,7 +110,7 @@ class OnPolicyCurvatureMixin(CurvatureAgentMixin):
                 named_in(policy, actor_critic_modules(policy)),
                 leaf_params=[] if self._gaussian_heads else log_std,
                 method=cfg["curvature"],
-                max_grad_norm=cfg["max_grad_norm"],
+                max_grad_norm=self.max_grad_norm,  # SB3's argument: both paths clip alike
                 create_graph=cfg["name"] == "adahessian",
                 clip_params=list(policy.parameters()),
             )

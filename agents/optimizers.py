@@ -6,7 +6,6 @@ The dict (every key optional, ``None`` = SB3's own default for the algorithm)::
      "curvature": "hesscale" | "hesscale_gn" | "bl89",
      "kwargs": {...},                      # hyperparameters except lr (eps, betas, momentum, ...)
      "scaling": {"enabled": False, "delta": 1e-8, "max_scale": 1.0, "beta": 0.999},
-     "max_grad_norm": None,                # clipping on the curvature path only (see below)
      "actor_curvature": "gn" | "exact"}    # SAC only (ignored by PPO/A2C)
 
 Two paths follow from it:
@@ -15,15 +14,14 @@ Two paths follow from it:
   ``policy_kwargs["optimizer_class"/"optimizer_kwargs"]`` and SB3's own ``train()`` runs untouched.
   ``kwargs`` are merged over SB3's defaults for that algorithm (Adam ``eps=1e-5`` for PPO/A2C,
   A2C's RMSprop ``alpha=0.99, eps=rms_prop_eps, weight_decay=0``, torch's defaults otherwise).
-  Gradient clipping is SB3's algorithm argument ``max_grad_norm``; the dict's ``max_grad_norm``
-  must stay ``None`` there (PPO/A2C) — SAC has no clipping in SB3.
+  Gradient clipping is SB3's algorithm argument ``max_grad_norm`` (PPO/A2C; SAC never clips).
 * **curvature** (``adahesscale``, ``adahessian``, or any optimizer with ``scaling.enabled``): the
   agents' own ``train()`` computes the Hessian diagonal (``hesscale.capture``; ``create_graph``
   for AdaHessian) and steps these optimizers, with param groups named ``pi``/``log_std``/``vf``
-  (PPO/A2C) or one optimizer per network ``actor``/``critic`` (SAC). Here the dict's
-  ``max_grad_norm`` is the clipping threshold (``None`` = no clipping, as in the paper's runs),
-  applied to the global gradient norm of each optimizer's parameters; SB3's ``max_grad_norm``
-  argument is not used.
+  (PPO/A2C) or one optimizer per network ``actor``/``critic`` (SAC). Clipping is the same as on
+  the first-order path: the algorithm's ``max_grad_norm`` (``float("inf")``: none) on the global
+  gradient norm of the policy's parameters, ĥ scaled with the gradient (see
+  :meth:`agents.second_order.CurvatureUpdate._clip`); SAC clips on neither path.
 """
 
 from __future__ import annotations
@@ -41,10 +39,12 @@ CURVATURE_METHODS = SWEEP_METHODS
 ACTOR_CURVATURE = ("gn", "exact")
 ALGOS = ("ppo", "a2c", "sac")
 
-TOP_KEYS = ("name", "curvature", "kwargs", "scaling", "max_grad_norm", "actor_curvature")
+TOP_KEYS = ("name", "curvature", "kwargs", "scaling", "actor_curvature")
+#: a key of earlier versions: ``None`` (its default) is dropped, a value is refused with the way out
+REMOVED_KEYS = {"max_grad_norm": "the curvature path clips with the algorithm's own max_grad_norm, as the "
+                                 "first-order path does (PPO/A2C argument; float('inf') switches clipping off)"}
 SCALING_DEFAULTS = {"enabled": False, "delta": 1e-8, "max_scale": 1.0, "beta": 0.999}
 SCALING_RANGES: dict[str, Range] = {"delta": POSITIVE, "max_scale": POSITIVE, "beta": UNIT_HALF_OPEN}
-MAX_GRAD_NORM_RANGE = POSITIVE
 #: ranges of the usual optimizer hyperparameters in ``kwargs`` (``betas``: each entry)
 KWARG_RANGES: dict[str, Range] = {"eps": POSITIVE, "weight_decay": NON_NEGATIVE, "momentum": NON_NEGATIVE,
                                   "alpha": UNIT, "betas": UNIT_HALF_OPEN}
@@ -94,8 +94,11 @@ def normalize_optimizer_config(config: dict | None, algo: str) -> dict:
             config = dict(config)
         except Exception as exc:  # noqa: BLE001
             raise ValueError(f"optimizer must be a dict or None, got {type(config).__name__}") from exc
+    for key, why in REMOVED_KEYS.items():
+        if config.get(key) is not None:
+            raise ValueError(f"optimizer key {key!r} ({config[key]!r}) was removed: {why}")
     for key in config:
-        if key not in TOP_KEYS:
+        if key not in TOP_KEYS and key not in REMOVED_KEYS:
             raise _valid("key", key, TOP_KEYS)
 
     name = config.get("name")
@@ -129,34 +132,13 @@ def normalize_optimizer_config(config: dict | None, algo: str) -> dict:
         if scaling["enabled"] and scaling[key] not in allowed:
             raise ValueError(f"invalid scaling {key} {scaling[key]!r}; expected {allowed.expected()}")
 
-    max_grad_norm = config.get("max_grad_norm")
-    if max_grad_norm is not None:
-        max_grad_norm = float(max_grad_norm)
-        if max_grad_norm not in MAX_GRAD_NORM_RANGE:
-            raise ValueError(f"invalid optimizer max_grad_norm {max_grad_norm!r}; expected "
-                             f"{MAX_GRAD_NORM_RANGE.expected()} or None")
-
     actor_curvature = config.get("actor_curvature")
     actor_curvature = "gn" if actor_curvature is None else str(actor_curvature).lower()
     if actor_curvature not in ACTOR_CURVATURE:
         raise _valid("actor_curvature", config.get("actor_curvature"), ACTOR_CURVATURE)
 
-    out = {
-        "name": name,
-        "curvature": curvature,
-        "kwargs": kwargs,
-        "scaling": scaling,
-        "max_grad_norm": max_grad_norm,
-        "actor_curvature": actor_curvature,
-    }
-    if not uses_curvature(out) and max_grad_norm is not None and algo in ("ppo", "a2c"):
-        raise ValueError(
-            "optimizer max_grad_norm applies to the curvature path only; first-order optimizers use "
-            f"SB3's own clipping: pass max_grad_norm={max_grad_norm} to {algo.upper()} instead"
-        )
-    if not uses_curvature(out) and max_grad_norm is not None and algo == "sac":
-        raise ValueError("optimizer max_grad_norm: SB3's SAC does not clip gradients on the first-order path")
-    return out
+    return {"name": name, "curvature": curvature, "kwargs": kwargs, "scaling": scaling,
+            "actor_curvature": actor_curvature}
 
 
 def uses_curvature(config: dict) -> bool:

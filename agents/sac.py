@@ -77,7 +77,8 @@ class SAC(CurvatureAgentMixin, SB3SAC):
         if not critic.share_features_extractor and _has_params(critic.features_extractor):
             critic_modules.insert(0, critic.features_extractor)
 
-        common = dict(method=cfg["curvature"], max_grad_norm=cfg["max_grad_norm"], create_graph=create_graph)
+        # No clipping: SB3's SAC never clips (the first-order arm), so neither does this path.
+        common = dict(method=cfg["curvature"], create_graph=create_graph)
         self._updates = {
             "actor": CurvatureUpdate(
                 self.actor.optimizer, named_in(self.policy, actor_modules), leaf_params=actor_leaf,

@@ -15,6 +15,9 @@ by::
     ... upstream's loss code, unchanged ...
     update.step(cap, loss)                            # grads + hess_diag, clip, step, diagnostics
 
+Clipping is SB3's: the algorithm's own ``max_grad_norm`` (PPO/A2C; SAC never clips), so both arms
+of a comparison clip alike; ĥ is scaled with the gradient's clip factor (:meth:`CurvatureUpdate._clip`).
+
 :class:`CurvatureUpdate` owns one optimizer (which may have several named param groups) and the
 modules whose parameters it updates. Curvature comes from :class:`hesscale.capture` (HesScale,
 HesScaleGN or BL89 sweep; exact per-sample loss Hessians w.r.t. the captured outputs, or the closed
@@ -34,6 +37,8 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch as th
 from torch import nn
+
+from hesscale.optim.protocols import CountsSkippedSteps, ReportsStepScales
 
 from .divergence import Diverged
 
@@ -58,8 +63,9 @@ class CurvatureUpdate:
             HesScale rules, checked by :meth:`check_modules` or on the first :meth:`capture`.
         leaf_params: parameters read directly by the loss (SB3's state-independent ``log_std``).
         method: ``"hesscale"``, ``"hesscale_gn"`` or ``"bl89"``.
-        max_grad_norm: clip the global gradient norm of ``clip_params`` before the step
-            (``None``: no clipping).
+        max_grad_norm: clip the global gradient norm of ``clip_params`` before the step, as SB3
+            clips (``None`` or ``inf``: no clipping); ``ĥ`` is scaled with the same factor (see
+            :meth:`_clip`).
         create_graph: AdaHessian mode — no capture; gradients are built with ``create_graph=True``.
         clip_params: the parameters whose norm is clipped (default: the optimizer's), in the order
             SB3 uses so the clipping coefficient rounds identically.
@@ -79,12 +85,15 @@ class CurvatureUpdate:
         self.modules = dict(modules) if isinstance(modules, Mapping) else list(modules)
         self.leaf_params = list(leaf_params)
         self.method = method
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm = None if max_grad_norm is None or max_grad_norm == float("inf") else float(max_grad_norm)
         self.create_graph = create_graph
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.clip_params = list(clip_params) if clip_params is not None else self.params
         self.group_names = [str(g.get("name", i)) for i, g in enumerate(optimizer.param_groups)]
         self._capture = None
+        # runtime-checkable Protocol checks are slow: once here, not per step
+        self._reports_scales = isinstance(optimizer, ReportsStepScales)
+        self._counts_skips = isinstance(optimizer, CountsSkippedSteps)
         self._reset_stats()
 
     def check_modules(self) -> None:
@@ -139,7 +148,7 @@ class CurvatureUpdate:
             for p, g in zip(params, grads):
                 p.grad = g
         else:
-            cap.backward(loss, output_hessians=output_hessians, external_grads=bool(leaf_hessians))
+            cap.backward(loss, output_hessians=output_hessians, external_grads=list(leaf_hessians or ()))
             for p, h in (leaf_hessians or {}).items():
                 p.hess_diag = h
         if self.max_grad_norm is not None:
@@ -152,8 +161,23 @@ class CurvatureUpdate:
         self._record_step()
 
     def _clip(self) -> None:
+        r"""SB3's clipping, ``g ← c·g`` with ``c = min(1, max_grad_norm / (‖g‖ + 1e-6))`` over
+        ``clip_params`` (torch's ``clip_grad_norm_``, so ``c`` rounds as SB3's does), and ``ĥ ← c·ĥ``.
+
+        Why ĥ too: clipping is the step on the rescaled loss ``c·L`` of this batch, whose Hessian
+        diagonal is ``c·ĥ``; scaling both keeps g and ĥ the derivatives of one loss. AdaHesScale then
+        reacts to a clip as Adam does (its ``m/sqrt(v)`` is invariant to a rescaled loss exactly where
+        Adam's is, because v tracks ĥ² where Adam's tracks g²), and the trust region's model
+        ``½·Σ c_ema·u²`` is the model of the loss that is stepped on. Clipping g alone would shrink
+        AdaHesScale's step by c (as SGD's) while Adam's barely moves. AdaHessian's Hutchinson
+        ``ĥ`` comes from the clipped (graph-carrying) gradient, so it is scaled by c by construction.
+        """
         if not self.create_graph:
-            th.nn.utils.clip_grad_norm_(self.clip_params, self.max_grad_norm)
+            total = th.nn.utils.clip_grad_norm_(self.clip_params, self.max_grad_norm)
+            coef = th.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+            for p in self.clip_params:  # out of place: a closed form may hand one tensor to several
+                if getattr(p, "hess_diag", None) is not None:
+                    p.hess_diag = p.hess_diag.detach() * coef
             return
         # Gradients that carry a graph must be scaled out of place (AdaHessian differentiates them).
         grads = [p.grad for p in self.clip_params if p.grad is not None]
@@ -174,7 +198,7 @@ class CurvatureUpdate:
         self._h_n = {n: 0 for n in self.group_names}
 
     def _record_step(self) -> None:
-        scales = getattr(self.optimizer, "last_scales", None)
+        scales = self.optimizer.last_scales if self._reports_scales else None
         for i, (name, group) in enumerate(zip(self.group_names, self.optimizer.param_groups)):
             if scales is not None:
                 key = group.get("name", i)
@@ -201,5 +225,5 @@ class CurvatureUpdate:
 
     @property
     def skipped_steps(self) -> int:
-        opt = self.optimizer
-        return int(getattr(opt, "skipped_steps", 0) or getattr(getattr(opt, "optimizer", None), "skipped_steps", 0) or 0)
+        """The optimizer's count of skipped group steps (0 for one that never skips, e.g. torch's)."""
+        return self.optimizer.skipped_steps if self._counts_skips else 0

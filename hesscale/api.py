@@ -1,12 +1,14 @@
 """``hessian_diagonal``: one call from a model, a loss and a batch to ``param.hess_diag``."""
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Iterable
 
 from torch import Tensor, nn
 
 from .comparators import COMPARATORS, call_loss
 from .output_hessians import closed_form_output_diag
+from .rules.registry import registry_version
 from .sweep import SWEEP_METHODS, capture
 
 METHODS = SWEEP_METHODS + tuple(COMPARATORS)
@@ -34,7 +36,8 @@ def hessian_diagonal(
     attribute paths such as ``"encoder.0"``) to capture instead of the whole model; only their
     parameters get ``hess_diag`` (the rest of the model counts as loss: its curvature reaches the
     captured modules exactly, by autograd, and nothing passes upstream of them), every parameter
-    gets ``.grad``. Use it to leave out a module without a rule.
+    gets ``.grad``. Use it to leave out a module without a rule. ``fused=False`` takes the unfused
+    route (see :class:`hesscale.capture`).
     """
     if method in SWEEP_METHODS:
         return _sweep(model, loss_fn, inputs, targets, method, **method_kwargs)
@@ -64,20 +67,38 @@ def _captured_subset(model: nn.Module, modules: Iterable[nn.Module | str]) -> di
     return named
 
 
-def _sweep(model, loss_fn, inputs, targets, method, per_sample: bool = False, modules=None):
+#: model → (signature, key, capture, named captured params, external params): the last capture
+#: built for it, reused while the model's modules, parameters and the rule registry are unchanged
+_CAPTURES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _capture_for(model: nn.Module, modules, method: str, per_sample: bool, fused: bool):
+    """``(capture, [(name, param)] captured, [param] outside)`` for ``model``, cached."""
+    signature = (tuple(map(id, model.modules())), tuple(map(id, model.parameters())), registry_version())
+    key = (method, per_sample, fused, None if modules is None else tuple(m if isinstance(m, str) else id(m) for m in modules))
+    cached = _CAPTURES.get(model)
+    if cached is not None and cached[0] == signature and cached[1] == key:
+        return cached[2:]
     captured = model if modules is None else _captured_subset(model, modules)
-    with capture(captured, method=method, per_sample=per_sample) as cap:
+    cap = capture(captured, method=method, per_sample=per_sample, fused=fused)
+    roots = [model] if modules is None else list(captured.values())
+    params = {id(p) for root in roots for p in root.parameters()}
+    named = [(name, p) for name, p in model.named_parameters() if id(p) in params]
+    outside = [p for p in model.parameters() if id(p) not in params]
+    _CAPTURES[model] = (signature, key, cap, named, outside)
+    return cap, named, outside
+
+
+def _sweep(model, loss_fn, inputs, targets, method, per_sample: bool = False, modules=None, fused: bool = True):
+    cap, named, outside = _capture_for(model, modules, method, per_sample, fused)
+    with cap:
         output = model(inputs)
         loss = call_loss(loss_fn, output, targets)
     closed = closed_form_output_diag(loss_fn, output, targets, elementwise_softmax=method == "bl89")
     if method == "bl89" and isinstance(loss_fn, nn.CrossEntropyLoss) and closed is None:
         raise ValueError("bl89 supports nn.CrossEntropyLoss with class-index targets, 2-D logits, no weight and no label smoothing")
     given = {output: closed} if closed is not None and cap.is_captured_output(output) else None
-    roots = [model] if modules is None else list(captured.values())
-    params = {id(p) for root in roots for p in root.parameters()}
-    cap.backward(loss, output_hessians=given, external_grads=modules is not None)
-    return {
-        name: p.hess_diag
-        for name, p in model.named_parameters()
-        if id(p) in params and getattr(p, "hess_diag", None) is not None
-    }
+    for _, p in named:
+        p.hess_diag = None  # a parameter the loss does not reach this time gets none
+    cap.backward(loss, output_hessians=given, external_grads=outside)
+    return {name: p.hess_diag for name, p in named if p.hess_diag is not None}

@@ -1,37 +1,48 @@
-"""``capture``: record the forward calls of captured modules, then one reverse HesScale sweep.
+"""``capture``: record the forward calls of captured modules, then one fused reverse pass.
 
-Data flow of :meth:`capture.backward`:
+Recording: each captured leaf module gets a forward wrapper, built once at construction and set
+on the instance only inside the ``with`` block (nothing runs during rollouts or under
+``no_grad``). The forward code receives an *alias* of each captured output, and captured
+consumers read the real output instead; a consumer that reads known tensor operations on
+captured outputs (:mod:`hesscale.between`) reads their detached result, so the alias's gradient
+is exactly the outside part.
 
-1. one ordinary backward gives ``.grad`` and, by tensor hooks, ``g = ∂L/∂y`` at the outputs of
-   non-linear element-wise modules (for the ``σ''·g`` term) and which captured outputs the *rest*
-   of the computation reads (distributions, clamps, other networks, the loss);
-2. the loss Hessian diagonal w.r.t. each of those outputs, exactly and per sample, by autograd
-   through that small outside graph only (or a closed form the caller passes); leaf parameters
+Data flow of :meth:`capture.backward` (fused route, the default):
+
+1. one autograd call through the outside graph only gives ``g = ∂L/∂y`` at every alias the rest
+   of the computation reads (distributions, clamps, other networks, the loss), the gradients of
+   leaf and external parameters and — by autograd through that small graph, or a closed form the
+   caller passes — the per-sample loss Hessian diagonal ``D`` at those outputs; leaf parameters
    get their exact diagonal the same way;
-3. the recorded calls are walked in reverse; each module's rule turns ``d_out`` into its
-   parameters' curvature and the ``d_in`` it passes to the call that produced its input
-   (contributions of several consumers add up).
+2. the recorded calls are walked in reverse (:func:`hesscale.fused.fused_sweep`): each module's
+   rule turns ``(g_out, D_out)`` into its parameters' ``.grad`` and curvature and the
+   ``(g_in, D_in)`` of the call, or chain of known operations, that produced its input
+   (contributions of several consumers add up); modules without a fused rule take one autograd
+   vector-Jacobian product for the gradient.
 
-To keep step 1 to the outside graph, the forward code receives an *alias* of each captured
-output, and captured consumers read the real output instead: the alias's gradient is then
-exactly the outside part.
+``fused=False`` keeps the unfused route (:mod:`hesscale.unfused`: autograd's whole backward,
+then a separate sweep), the reference the tests compare against. :attr:`capture.routes` says
+which route each module took in the last backward (also logged at DEBUG level).
 """
 from __future__ import annotations
 
-import os
-import sys
+import logging
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from . import unfused
+from .between import OpChain, Unknown, op_name, trace
+from .fused import UNFUSED, fused_sweep
+from .leaves import caller_stacklevel, direct_params_of_non_leaves, leaf_modules, named_roots
 from .names import SWEEP_METHODS
 from .output_hessians import exact_param_diag, exact_per_sample_diag
 from .rules import Rule, rule_for
 
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_log = logging.getLogger("hesscale")
 
 
 @dataclass
@@ -43,55 +54,9 @@ class _Call:
     y: Tensor  # the module's real output
     alias: Tensor  # what the forward code received
     producer: int | None  # index of the call whose output is ``x``
-    g_out: Tensor | None = None
-
-
-_INTERNAL_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
-
-
-def _caller_stacklevel() -> int:
-    """``stacklevel`` of the first frame outside torch and hesscale: the line whose forward code
-    called the module (a warning then points there, not into ``nn.Module.__call__``)."""
-    frame, level = sys._getframe(2), 2  # level 1: the hook that calls this and warns
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _named_roots(modules: nn.Module | Iterable[nn.Module] | Mapping[str, nn.Module]) -> list[tuple[str, nn.Module]]:
-    """``(path prefix, root)`` pairs: a mapping's keys, else ``""`` for one root, ``[r]`` for several."""
-    if isinstance(modules, Mapping):
-        named = list(modules.items())
-    else:
-        roots = [modules] if isinstance(modules, nn.Module) else list(modules)
-        named = [("" if len(roots) == 1 else f"[{r}]", root) for r, root in enumerate(roots)]
-    if not named or not all(isinstance(m, nn.Module) for _, m in named):
-        raise TypeError(
-            "capture() needs an nn.Module, a non-empty iterable of nn.Modules or a {path: nn.Module} mapping"
-        )
-    return named
-
-
-def _leaf_modules(roots: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    seen: set[int] = set()
-    leaves = []
-    for prefix, root in roots:
-        for path, module in root.named_modules(prefix=prefix):
-            if id(module) in seen or next(module.children(), None) is not None:
-                continue
-            seen.add(id(module))
-            if not isinstance(module, _CONTAINERS):  # an empty container is the identity
-                leaves.append((path, module))
-    return leaves
-
-
-def _direct_params_of_non_leaves(roots: Sequence[nn.Module]) -> list[nn.Parameter]:
-    params = []
-    for root in roots:
-        for module in root.modules():
-            if next(module.children(), None) is not None:
-                params.extend(module.parameters(recurse=False))
-    return params
+    chain: OpChain | None = None  # known operations on captured outputs that made ``x``
+    graph: bool = True  # connected to autograd's graph (else run under no_grad or on a local graph)
+    g_out: Tensor | None = None  # unfused route: ∂L/∂y caught by a tensor hook
 
 
 class capture:
@@ -117,100 +82,171 @@ class capture:
             :func:`hesscale.hessian_diagonal` applies for ``nn.CrossEntropyLoss``).
         per_sample: also store ``param.hess_diag_per_sample`` (``[N, *param.shape]``) for
             module parameters; costs N× parameter memory.
+        fused: gradient and curvature in one reverse pass (default); ``False``: autograd's
+            backward, then the sweep (the reference route; tensor operations between captured
+            modules then count as loss, one Hessian-vector product per feature).
 
     Limits: the loss must be separable over samples along dim 0 (a batch-coupling loss makes the
-    per-sample output Hessians wrong); captured modules take one tensor and return one tensor;
-    in-place activations work on a copy of their input; don't modify captured outputs in place.
+    per-sample output Hessians wrong); captured modules take one tensor and return one tensor,
+    and their parameters are read only through their calls; in-place activations work on a copy
+    of their input; don't modify captured outputs in place.
     """
 
     def __init__(
         self,
-        modules: nn.Module | Iterable[nn.Module],
+        modules: nn.Module | Iterable[nn.Module] | Mapping[str, nn.Module],
         leaf_params: Iterable[nn.Parameter] = (),
         method: str = "hesscale",
         per_sample: bool = False,
+        fused: bool = True,
     ):
         if method not in SWEEP_METHODS:
             raise ValueError(f"method={method!r} is not a sweep method; valid: {', '.join(SWEEP_METHODS)}")
-        named_roots = _named_roots(modules)
-        roots = [m for _, m in named_roots]
+        roots_named = named_roots(modules)
+        roots = [m for _, m in roots_named]
         self.method = method
         self.per_sample = per_sample
-        self._leaves = [(path, module, rule_for(module, path)) for path, module in _leaf_modules(named_roots)]
+        self.fused = bool(fused)
+        self._leaves = [(path, module, rule_for(module, path)) for path, module in leaf_modules(roots_named)]
         module_params = [p for _, m, _ in self._leaves for p in m.parameters(recurse=False)]
         owned = {id(p) for p in module_params}
         leaf = []
-        for p in [*leaf_params, *_direct_params_of_non_leaves(roots)]:
+        for p in [*leaf_params, *direct_params_of_non_leaves(roots)]:
             if id(p) not in owned:
                 owned.add(id(p))
                 leaf.append(p)
         self._module_params = module_params
         self._leaf_params = leaf
-        self._handles: list = []
+        self._owned = owned
+        self._wrappers = [(module, self._wrapper(path, module, rule)) for path, module, rule in self._leaves]
+        self._saved_forwards: list | None = None
         self._calls: list[_Call] = []
         self._alias_index: dict[int, int] = {}
-        self._pending: dict[int, list[tuple[Tensor, int | None]]] = {}
+        self._internal: list[bool] = []
         self._warned_outside_edge = False
+        #: module path → route of its last backward: "fused", "autograd" (a rule without a fused
+        #: form: one vector-Jacobian product) or "unfused"
+        self.routes: dict[str, str] = {}
+        #: consumer path → the operation that kept its input on the exact route (last forward)
+        self.outside_ops: dict[str, str] = {}
 
     # -- recording -------------------------------------------------------------------------
     def __enter__(self) -> "capture":
-        self._calls, self._alias_index, self._pending = [], {}, {}
-        for path, module, rule in self._leaves:
-            self._handles.append(module.register_forward_pre_hook(self._pre_hook(path)))
-            self._handles.append(module.register_forward_hook(self._post_hook(path, rule)))
+        self._calls, self._alias_index, self._internal, self.outside_ops = [], {}, [], {}
+        self._saved_forwards = [module.__dict__.get("forward") for module, _ in self._wrappers]
+        for module, wrapper in self._wrappers:
+            module.__dict__["forward"] = wrapper
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        for (module, _), saved in zip(self._wrappers, self._saved_forwards or ()):
+            if saved is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = saved
+        self._saved_forwards = None
 
-    def _pre_hook(self, path: str):
-        def hook(module, args):
+    def _wrapper(self, path: str, module: nn.Module, rule: Rule):
+        """The instance ``forward`` set inside the ``with`` block (built once per leaf).
+
+        A call runs in one of three modes: connected to autograd's graph (the unfused route, and
+        downstream of an operation the engine does not carry: the exact route needs the graph);
+        under ``no_grad`` (fused rules: the engine computes the gradient itself; the forward code
+        gets a detached leaf as the alias); or on a graph local to the module (other rules: one
+        vector-Jacobian product through it at backward).
+        """
+        forward = module.__dict__.get("forward") or type(module).forward.__get__(module)
+        inplace = getattr(module, "inplace", False)
+        trainable = any(p.requires_grad for p in module.parameters(recurse=False))
+
+        def wrapped(*args, **kwargs):
             if not torch.is_grad_enabled():
-                return None
+                return forward(*args, **kwargs)
             if len(args) != 1 or not isinstance(args[0], Tensor):
                 raise TypeError(f"captured module {path!r} must be called with exactly one tensor")
-            x = args[0]
-            producer = self._alias_index.get(id(x))
-            if producer is not None:
-                x = self._calls[producer].y  # captured consumers read the real output
-            elif x.grad_fn is not None and self._calls and not self._warned_outside_edge:
-                self._warned_outside_edge = True
-                warnings.warn(
-                    f"captured module {path!r} reads a tensor made by non-module operations on "
-                    "captured outputs; that part is treated as loss and differentiated exactly "
-                    "(one Hessian-vector product per feature). Wrap such operations in a module "
-                    "with a rule to keep the sweep cheap.",
-                    stacklevel=_caller_stacklevel(),
-                )
-            self._pending.setdefault(id(module), []).append((x, producer))
-            return (x.clone() if getattr(module, "inplace", False) else x,)
-
-        return hook
-
-    def _post_hook(self, path: str, rule: Rule):
-        def hook(module, args, output):
-            if not torch.is_grad_enabled():
-                return None
-            x, producer = self._pending[id(module)].pop()
-            if not isinstance(output, Tensor):
+            x, producer, chain, graph = self._input(path, args[0])
+            live = producer is not None or chain is not None
+            if graph:
+                y = forward(x.clone() if inplace else x, **kwargs)
+            elif not (live or trainable):
+                return forward(x, **kwargs)  # a constant: nothing to record
+            elif rule.fused:
+                torch._C._set_grad_enabled(False)  # as torch.no_grad(), without the context object
+                try:
+                    y = forward(x.clone() if inplace else x, **kwargs)
+                finally:
+                    torch._C._set_grad_enabled(True)
+            else:
+                x = x.detach().requires_grad_(live)
+                y = forward(x.clone() if inplace else x, **kwargs)
+            if not isinstance(y, Tensor):
                 raise TypeError(f"captured module {path!r} must return one tensor")
-            if not output.requires_grad:
-                return None
-            alias = output.view_as(output)
+            if graph and not y.requires_grad:
+                return y
+            alias = y.view_as(y) if y.requires_grad else y.detach().requires_grad_(True)
             self._alias_index[id(alias)] = len(self._calls)
-            self._calls.append(_Call(module, path, rule, x, output, alias, producer))
+            self._calls.append(_Call(module, path, rule, x, y, alias, producer, chain, graph))
+            self._internal.append(False)
             return alias
 
-        return hook
+        return wrapped
+
+    def _input(self, path: str, a: Tensor) -> tuple[Tensor, int | None, OpChain | None, bool]:
+        """``(x, producer, chain, graph)``: what the consumer at ``path`` reads for its argument
+        ``a``, and whether the call must stay connected to autograd's graph."""
+        producer = self._alias_index.get(id(a))
+        if producer is not None:
+            self._internal[producer] = True
+            call = self._calls[producer]
+            return call.y, producer, None, call.graph  # captured consumers read the real output
+        if not a.requires_grad:
+            return a, None, None, not self.fused
+        if not self._calls:
+            return a, None, None, True  # upstream of the capture: autograd carries it
+        if self.fused:
+            try:
+                chain = trace(a.grad_fn, a.shape, self._producer_of_node) if a.grad_fn is not None else None
+            except Unknown as exc:
+                op = str(exc)
+            else:
+                if chain is None:
+                    return a, None, None, True  # a leaf that needs a gradient: as upstream
+                if isinstance(chain, int):  # the alias itself under another tensor object
+                    self._internal[chain] = True
+                    return self._calls[chain].y, chain, None, self._calls[chain].graph
+                for i in _chain_leaves(chain):
+                    self._internal[i] = True
+                return a.detach(), None, chain, False
+        else:
+            op = op_name(a.grad_fn) if a.grad_fn is not None else "a leaf"
+        self.outside_ops[path] = op
+        if not self._warned_outside_edge:
+            self._warned_outside_edge = True
+            warnings.warn(
+                f"captured module {path!r} reads a tensor made by {op!r} on captured outputs, an "
+                "operation the sweep does not carry; that part is treated as loss and differentiated "
+                "exactly (one Hessian-vector product per feature). Wrap it in a module with a rule "
+                "to keep the sweep cheap.",
+                stacklevel=caller_stacklevel(),
+            )
+        return a, None, None, True
+
+    def _producer_of_node(self, node) -> int | None:
+        """The call whose alias is graph node ``node`` (a view node, or a leaf's AccumulateGrad)."""
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            return self._alias_index.get(id(variable))
+        for i, call in enumerate(self._calls):
+            if call.alias.grad_fn is node:
+                return i
+        return None
 
     # -- backward --------------------------------------------------------------------------
     def backward(
         self,
         loss: Tensor,
         output_hessians: Mapping[Tensor, Tensor] | None = None,
-        external_grads: bool = False,
+        external_grads: bool | Iterable[Tensor] = False,
     ) -> None:
         """Accumulate ``.grad`` and set ``.hess_diag`` on the captured and leaf parameters.
 
@@ -219,24 +255,27 @@ class capture:
             output_hessians: optional closed forms: captured output (the tensor the forward code
                 received) → per-sample ``diag ∂²L/∂output²``; other outputs the loss reads get the
                 exact one by autograd.
-            external_grads: also accumulate gradients of parameters outside the capture, as
-                ``loss.backward()`` would (default: leave them untouched).
+            external_grads: also accumulate gradients of parameters outside the capture: ``True``
+                all of them, as ``loss.backward()`` would, or the given ones (default: none).
         """
-        if self._handles:
+        if self._saved_forwards is not None:
             raise RuntimeError("call capture.backward() after the `with` block has closed")
         if loss.dim() != 0:
             raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
-        d_acc = self._given_output_hessians(output_hessians or {})
-        open_calls = [i for i in range(len(self._calls)) if i not in d_acc]
-        used = self._backward_with_grad_hooks(loss, external_grads, open_calls)
-        leaf_hess = self._exact_boundary_hessians(loss, d_acc, used)
-        module_hess = self._reverse_sweep(d_acc)
+        d_given = self._given_output_hessians(output_hessians or {})
+        self.routes = {}
+        if self.fused:
+            module_hess, leaf_hess = self._fused_backward(loss, d_given, external_grads)
+        else:
+            module_hess, leaf_hess = self._unfused_backward(loss, d_given, external_grads)
         for p, h in [*module_hess.items(), *leaf_hess.items()]:
             if self.per_sample and h.dim() == p.dim() + 1:
                 p.hess_diag_per_sample = h
                 h = h.sum(0)
             p.hess_diag = h
-        self._calls, self._alias_index = [], {}
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("hesscale backward routes: %s; exact-route inputs: %s", self.routes, self.outside_ops)
+        self._calls, self._alias_index, self._internal = [], {}, []
 
     def _given_output_hessians(self, given: Mapping[Tensor, Tensor]) -> dict[int, Tensor]:
         d_acc = {}
@@ -249,79 +288,66 @@ class capture:
             d_acc[index] = diag.detach()
         return d_acc
 
-    def _backward_with_grad_hooks(self, loss: Tensor, external_grads: bool, open_calls: list[int]) -> list[int]:
-        """Step 1: the ordinary backward, catching ``∂L/∂y`` where a rule needs it.
+    def _external(self, loss: Tensor, external_grads: bool | Iterable[Tensor]) -> list[Tensor]:
+        """The tensors outside the capture whose gradient is accumulated too."""
+        if external_grads is False:
+            return []
+        if external_grads is not True:
+            return [p for p in external_grads if p.requires_grad and id(p) not in self._owned]
+        found, seen, stack = [], set(), [loss.grad_fn]
+        while stack:  # every leaf of loss's graph, as loss.backward() reaches them
+            fn = stack.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            variable = getattr(fn, "variable", None)
+            if variable is not None:
+                if id(variable) not in self._owned and id(variable) not in self._alias_index:
+                    found.append(variable)
+                continue
+            stack.extend(f for f, _ in fn.next_functions)
+        return found
 
-        Returns the open calls whose output the loss reads from outside the captured modules
-        (their aliases receive a gradient); the graph is kept for their exact Hessians.
-        """
-        used: list[int] = []
-        handles = []
-        if self.method != "hesscale_gn":
-            for call in self._calls:
-                if call.rule.needs_grad_output:
-                    handles.append(call.y.register_hook(self._grad_catcher(call)))
-        for i in open_calls:
-            handles.append(self._calls[i].alias.register_hook(lambda g, i=i: used.append(i)))
-        retain = bool(open_calls or self._leaf_params)
-        try:
-            if external_grads:
-                loss.backward(retain_graph=retain)
-            else:
-                params = [p for p in self._module_params + self._leaf_params if p.requires_grad]
-                if params:
-                    torch.autograd.backward(loss, inputs=params, retain_graph=retain)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return sorted(set(used))
-
-    def _exact_boundary_hessians(
-        self, loss: Tensor, d_acc: dict[int, Tensor], used: list[int]
-    ) -> dict[nn.Parameter, Tensor]:
-        """Step 2: exact per-sample output diagonals (into ``d_acc``) and leaf-parameter diagonals."""
+    def _fused_backward(self, loss, d_given, external_grads):
+        """Steps 1 and 2 of the module docstring."""
+        calls, n = self._calls, len(self._calls)
         leaf = [p for p in self._leaf_params if p.requires_grad]
-        inputs = [self._calls[i].alias for i in used] + leaf
-        if not inputs:
-            return {}
-        grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
-        for i, grad in zip(used, grads):
-            if grad is not None:
-                d_acc[i] = exact_per_sample_diag(grad, self._calls[i].alias).detach()
-        return {
-            p: exact_param_diag(grad, p).detach()
-            for p, grad in zip(leaf, grads[len(used):])
-            if grad is not None
-        }
+        external = self._external(loss, external_grads)
+        # with a graph at once where an exact diagonal is sure to be needed (an outside leaf)
+        create = bool(leaf) or any(i not in d_given and not self._internal[i] for i in range(n))
+        inputs = [c.alias for c in calls] + leaf + external
+        grads = [None] * len(inputs)
+        if loss.requires_grad and inputs:
+            grads = torch.autograd.grad(loss, inputs, allow_unused=True, retain_graph=True, create_graph=create)
+        used = [i for i in range(n) if grads[i] is not None and i not in d_given]
+        exact = {i: grads[i] for i in used}
+        if used and not create:
+            exact = dict(zip(used, torch.autograd.grad(loss, [calls[i].alias for i in used], create_graph=True)))
+        d_acc = [d_given.get(i) for i in range(n)]
+        for i, g in exact.items():
+            d_acc[i] = exact_per_sample_diag(g, calls[i].alias).detach()
+        leaf_hess = {p: exact_param_diag(g, p).detach() for p, g in zip(leaf, grads[n:]) if g is not None}
+        g_acc = [None if g is None else g.detach() for g in grads[:n]]
+        module_grads, module_hess = fused_sweep(
+            calls, g_acc, d_acc, self.method == "hesscale_gn", self.per_sample, self.routes
+        )
+        for p, g in [*module_grads.items(), *zip(leaf + external, grads[n:])]:
+            if g is not None:
+                _accumulate_grad(p, g.detach())
+        return module_hess, leaf_hess
 
-    @staticmethod
-    def _grad_catcher(call: _Call):
-        def hook(grad):
-            call.g_out = grad if call.g_out is None else call.g_out + grad
-
-        return hook
-
-    def _reverse_sweep(self, d_acc: dict[int, Tensor]) -> dict[nn.Parameter, Tensor]:
-        """Step 3: walk the calls backwards, applying each module's rule."""
+    def _unfused_backward(self, loss, d_given, external_grads):
+        calls = self._calls
         gauss_newton = self.method == "hesscale_gn"
-        hess: dict[nn.Parameter, Tensor] = {}
-        with torch.no_grad():
-            for i in reversed(range(len(self._calls))):
-                d_out = d_acc.pop(i, None)
-                if d_out is None:
-                    continue
-                call = self._calls[i]
-                for name, h in call.rule.param_diag(call.module, call.x, call.y, d_out, self.per_sample).items():
-                    p = getattr(call.module, name)
-                    hess[p] = h if p not in hess else hess[p] + h
-                if call.producer is not None:
-                    g_out = call.g_out
-                    if g_out is None and call.rule.needs_grad_output and not gauss_newton:
-                        g_out = torch.zeros_like(call.y)  # no gradient reached this output
-                    d_in = call.rule.input_diag(call.module, call.x, call.y, d_out, g_out, gauss_newton)
-                    prev = d_acc.get(call.producer)
-                    d_acc[call.producer] = d_in if prev is None else prev + d_in
-        return hess
+        open_calls = [i for i in range(len(calls)) if i not in d_given]
+        retain = bool(open_calls or self._leaf_params)
+        used = unfused.backward_with_grad_hooks(
+            calls, loss, self._module_params + self._leaf_params, external_grads, open_calls, gauss_newton, retain
+        )
+        leaf_hess = unfused.exact_boundary_hessians(calls, loss, self._leaf_params, d_given, used)
+        module_hess = unfused.reverse_sweep(calls, d_given, gauss_newton, self.per_sample)
+        self.routes = {call.path: UNFUSED for call in calls}
+        return module_hess, leaf_hess
 
     def outputs(self, module: nn.Module) -> list[Tensor]:
         """The outputs of ``module``'s calls recorded so far, in call order, as the forward code
@@ -332,3 +358,17 @@ class capture:
     def is_captured_output(self, tensor: Tensor) -> bool:
         """Whether ``tensor`` is an output of a captured module, as the forward code received it."""
         return id(tensor) in self._alias_index
+
+
+def _chain_leaves(chain: OpChain | int) -> list[int]:
+    if isinstance(chain, int):
+        return [chain]
+    return [i for c in chain.inputs if c is not None for i in _chain_leaves(c)]
+
+
+def _accumulate_grad(p: Tensor, g: Tensor) -> None:
+    """``p.grad += g`` as ``loss.backward()`` accumulates it."""
+    if p.grad is None:
+        p.grad = g
+    else:
+        p.grad.add_(g)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Replay a saved run: python scripts/evaluate.py <run dir> [-n 10] [--video [DIR]] [--stochastic]."""
+"""Replay a run's recorded final evaluation exactly: python scripts/evaluate.py <run dir> [--json]
+(--fresh [--seed S] [-n N] [--stochastic] [--video [DIR]]: its saved model on a fresh env)."""
 
 import sys
 from pathlib import Path

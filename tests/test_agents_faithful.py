@@ -90,9 +90,8 @@ def test_a2c_adam_is_sb3s_adam():
 
 @pytest.mark.parametrize("algo", ["ppo", "a2c", "sac"])
 def test_curvature_train_with_plain_adam_reproduces_upstream(algo):
-    # Upstream with effectively no clipping (the curvature path's default is no clipping);
-    # clip_grad_norm_ then multiplies by exactly 1.
-    upstream_kwargs = {"max_grad_norm": 1e30} if algo != "sac" else {}
+    # Both with clipping switched off (max_grad_norm=inf: SB3's clip_grad_norm_ multiplies by exactly 1).
+    upstream_kwargs = {"max_grad_norm": float("inf")} if algo != "sac" else {}
     up_kwargs_a2c = {"use_rms_prop": False} if algo == "a2c" else {}
     upstream = _params(_run(UPSTREAM[algo], algo, **upstream_kwargs, **up_kwargs_a2c))
     ours = _run(OURS[algo], algo, optimizer={"name": "adam"}, force_curvature_path=True, **upstream_kwargs)
@@ -103,18 +102,33 @@ def test_curvature_train_with_plain_adam_reproduces_upstream(algo):
     assert _max_rel(fresh, upstream) > 1e-4
 
 
-@pytest.mark.parametrize("algo", ["ppo", "a2c", "sac"])
-def test_scaled_adam_with_unit_scale_and_clipping_matches_upstream(algo):
-    """Public API: StepSizeScaling(Adam) with a huge delta gives α = 1, so the step is Adam's; the
-    dict's max_grad_norm clips exactly as SB3 does."""
-    clip = {} if algo == "sac" else {"max_grad_norm": 0.5}
+@pytest.mark.parametrize("algo", ["ppo", "a2c"])
+@pytest.mark.parametrize("max_grad_norm", [1e-3, float("inf")])
+def test_curvature_path_clips_as_sb3_clips_adam(algo, max_grad_norm):
+    """Fair arms: the curvature path clips with the algorithm's own ``max_grad_norm``, exactly as
+    SB3 clips Adam (Scaled Adam with a huge δ has α = 1, so its step is Adam's); 1e-3 clips every
+    update, ``inf`` (the config's ``clip_grad_norm: false``) switches clipping off on both paths."""
     up_kwargs_a2c = {"use_rms_prop": False} if algo == "a2c" else {}
-    upstream = _params(_run(UPSTREAM[algo], algo, **clip, **up_kwargs_a2c))
-    opt = {"name": "adam", "scaling": {"enabled": True, "delta": 1e30}, "max_grad_norm": clip.get("max_grad_norm")}
-    ours = _run(OURS[algo], algo, optimizer=opt)
+    upstream = _params(_run(UPSTREAM[algo], algo, max_grad_norm=max_grad_norm, **up_kwargs_a2c))
+    opt = {"name": "adam", "scaling": {"enabled": True, "delta": 1e30}}
+    ours = _run(OURS[algo], algo, optimizer=opt, max_grad_norm=max_grad_norm)
     assert ours.uses_curvature
+    assert ours._updates["policy"].max_grad_norm == (None if max_grad_norm == float("inf") else max_grad_norm)
+    assert set(ours.policy.optimizer.last_scales.values()) == {1.0}
+    assert _max_rel(_params(ours), upstream) <= 1e-5
+    if max_grad_norm < 1.0:  # the clipping really changed the result, so the match is not trivial
+        unclipped = _params(_run(UPSTREAM[algo], algo, max_grad_norm=float("inf"), **up_kwargs_a2c))
+        assert _max_rel(unclipped, upstream) > 1e-3
+
+
+def test_scaled_adam_with_unit_scale_matches_upstream_sac():
+    """SAC never clips (SB3's has no max_grad_norm), on neither path: α = 1 gives SB3's Adam steps."""
+    upstream = _params(_run(UPSTREAM["sac"], "sac"))
+    ours = _run(OURS["sac"], "sac", optimizer={"name": "adam", "scaling": {"enabled": True, "delta": 1e30}})
+    assert all(u.max_grad_norm is None for u in ours._updates.values())
     for update in ours._updates.values():
         assert set(update.optimizer.last_scales.values()) == {1.0}
+        assert update.optimizer.last_route == "fused"  # SB3's default policies: no parameter snapshot
     assert _max_rel(_params(ours), upstream) <= 1e-5
 
 

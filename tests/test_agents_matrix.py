@@ -145,7 +145,7 @@ def test_on_policy_matrix(tmp_path, algo, policy, action):
         policy_kwargs["features_extractor_kwargs"] = EXTRACTOR_KWARGS[policy]
     extra = dict(batch_size=N_STEPS, n_epochs=1) if algo == "PPO" else {}
     model = getattr(agents, algo)(policy, env, optimizer=HESSCALE, n_steps=N_STEPS, ent_coef=0.01, seed=0,
-                                  policy_kwargs=policy_kwargs, **extra)
+                                  policy_kwargs=policy_kwargs, max_grad_norm=float("inf"), **extra)  # the loss's own ĥ
     heads = ["action_net.weight", "action_net.bias", "value_net.weight", "value_net.bias"]
     record: dict = {}
     _record_first_step(model.policy.optimizer, heads, dict(model.policy.named_parameters()), record)

@@ -150,7 +150,7 @@ def test_config_defaults_and_validation():
     cfg = agents.normalize_optimizer_config(None, "a2c")
     assert cfg == {"name": "rmsprop", "curvature": "hesscale", "kwargs": {},
                    "scaling": {"enabled": False, "delta": 1e-8, "max_scale": 1.0, "beta": 0.999},
-                   "max_grad_norm": None, "actor_curvature": "gn"}
+                   "actor_curvature": "gn"}
     assert agents.normalize_optimizer_config({"scaling": {"enabled": True}}, "ppo")["name"] == "adam"
     with pytest.raises(ValueError, match="'adamw'.*'adam', 'rmsprop', 'sgd', 'adahesscale', 'adahessian'"):
         agents.normalize_optimizer_config({"name": "adamw"}, "ppo")
@@ -164,8 +164,10 @@ def test_config_defaults_and_validation():
         agents.normalize_optimizer_config({"actor_curvature": "approx"}, "sac")
     with pytest.raises(ValueError, match="delta"):
         agents.normalize_optimizer_config({"scaling": {"enabled": True, "delta": 0}}, "ppo")
-    with pytest.raises(ValueError, match="max_grad_norm"):
-        agents.normalize_optimizer_config({"name": "adam", "max_grad_norm": 0.5}, "ppo")
+    with pytest.raises(ValueError, match="'max_grad_norm' .*removed.*algorithm's own max_grad_norm"):
+        agents.normalize_optimizer_config({"name": "adahesscale", "max_grad_norm": 0.5}, "ppo")
+    # the removed key's old default (a dict stored with a model saved earlier) is dropped
+    assert "max_grad_norm" not in agents.normalize_optimizer_config({"max_grad_norm": None}, "ppo")
     with pytest.raises(ValueError, match="lr"):
         agents.normalize_optimizer_config({"kwargs": {"lr": 1.0}}, "ppo")
     with pytest.raises(ValueError, match="ddpg"):

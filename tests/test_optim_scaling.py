@@ -425,3 +425,36 @@ def test_infinite_T_means_no_step():
     opt.step()
     assert opt.last_scales[0] == 0.0
     torch.testing.assert_close(p.detach(), before)
+
+
+def test_the_wrapper_is_initialised_by_torch_and_its_step_hooks_run():
+    """torch's Optimizer.__init__ ran (every attribute it sets is there), the groups are shared, and
+    step hooks registered through torch's public API fire around the scaled step (also after pickling)."""
+    import pickle
+
+    params = make_params()
+    inner = torch.optim.Adam(params, lr=0.1)
+    opt = StepSizeScaling(inner)
+    assert set(vars(torch.optim.Adam(make_params(), lr=0.1))) - {"state"} <= set(vars(opt))
+    assert opt.param_groups is inner.param_groups and opt.defaults is inner.defaults
+    for o in (opt, pickle.loads(pickle.dumps(opt))):
+        calls = []
+        o.register_step_pre_hook(lambda *_: calls.append("pre"))
+        o.register_step_post_hook(lambda *_: calls.append("post"))
+        draw([p for g in o.param_groups for p in g["params"]], torch.Generator().manual_seed(0))
+        o.step()
+        assert calls == ["pre", "post"]
+
+
+def test_skip_counts_and_scales_are_read_through_the_protocols():
+    from hesscale.optim import CountsSkippedSteps, ReportsStepScales
+
+    params = make_params()
+    scaled, plain, own = StepSizeScaling(AdaHesScale(params)), torch.optim.Adam(params), AdaHesScale(params)
+    assert isinstance(scaled, CountsSkippedSteps) and isinstance(scaled, ReportsStepScales)
+    assert isinstance(own, CountsSkippedSteps) and not isinstance(own, ReportsStepScales)
+    assert not isinstance(plain, CountsSkippedSteps) and not isinstance(plain, ReportsStepScales)
+    draw(params, torch.Generator().manual_seed(0))
+    params[0].grad[0] = float("nan")
+    scaled.step()
+    assert scaled.skipped_steps == 1 == scaled.optimizer.skipped_steps  # the wrapper's count covers its optimizer's

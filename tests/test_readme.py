@@ -1,4 +1,5 @@
-"""Every ```python block of README.md runs as written, each in a fresh interpreter.
+"""Every ```python block of README.md runs as written, each in a fresh interpreter; the README's
+layout section names exactly the project's modules.
 
 Long runs are shortened by one switch, the environment variable ``HESSCALE_README_STEPS``: it caps
 the env steps of every Stable-Baselines3 ``learn()`` a block calls (default 2048, one PPO rollout;
@@ -64,3 +65,34 @@ def test_readme_block_runs(line: int, source: str, tmp_path: Path):
     proc = subprocess.run([sys.executable, "-c", _PREAMBLE, str(STEPS), str(block), f"README.md:{line}"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"README.md block at line {line} failed:\n{proc.stderr[-4000:]}"
+
+
+def layout_paths(text: str) -> list[str]:
+    """The paths the ``## Layout`` section's tree names: one entry a line, two spaces of indent per
+    level, a folder ends with ``/``; ``configs/agent/`` and the like are named as written."""
+    section = re.split(r"^## Layout\n", text, maxsplit=1, flags=re.M)[1].split("\n## ", 1)[0]
+    tree = re.search(r"^```text\n(.*?)^```", section, flags=re.S | re.M).group(1)
+    paths, stack = [], []
+    for line in tree.splitlines():
+        if not line.strip():
+            continue
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        stack[depth:] = [line.split()[0]]
+        paths.append("".join(stack))
+    return paths
+
+
+def test_layout_section_matches_the_tree():
+    named = layout_paths(README.read_text())
+    assert len(named) == len(set(named)), "a path is named twice"
+    missing = [p for p in named if not (ROOT / p).exists() or p.endswith("/") != (ROOT / p).is_dir()]
+    assert not missing, f"the README's layout names paths that do not exist: {missing}"
+    modules = sorted(str(f.relative_to(ROOT)) for pkg in ("agents", "hesscale", "scripts")
+                     for f in (ROOT / pkg).rglob("*.py") if "__pycache__" not in f.parts)
+    unnamed = [m for m in modules if m not in named]
+    assert not unnamed, f"modules missing from the README's layout section: {unnamed}"
+
+
+def test_layout_parser_reads_nesting():
+    text = "## Layout\n```text\na/   x\n  b/  y\n    c.py  z\n  d.py\ne.py\n```\n## Next\n"
+    assert layout_paths(text) == ["a/", "a/b/", "a/b/c.py", "a/d.py", "e.py"]

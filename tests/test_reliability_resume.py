@@ -152,6 +152,7 @@ def test_sigkill_then_rerun_resumes_and_equals_uninterrupted(tmp_path: Path, ref
     p.wait(timeout=30)
     assert CheckpointStore(run).latest().name == "step_000000000400"
     assert json.loads((run / "result.json").read_text())["status"] == "running"
+    _assert_replays(run, step=400, source="checkpoint step_000000000400")  # the unfinished run
     (run / ".paused").unlink()
     done = _finish(args, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -160,6 +161,19 @@ def test_sigkill_then_rerun_resumes_and_equals_uninterrupted(tmp_path: Path, ref
     assert r["resumed_from"] == [400]
     _assert_same_run(run, reference[agent], agent)
     assert not (run / "checkpoints").exists()
+    replay = _assert_replays(run, step=1000 if agent == "ppo" else 600, source="the final model")
+    assert replay["mean"] == r["final_return"]
+
+
+def _assert_replays(run: Path, step: int, source: str) -> dict:
+    """``evaluate.py``'s default: the evaluation at ``step`` recorded in evaluations.npz, replayed."""
+    from agents.experiment.evaluate import evaluate_run
+
+    got = evaluate_run(run)
+    assert (got["mode"], got["step"], got["source"]) == ("replay", step, source), got
+    with np.load(run / "evaluations.npz") as ev:
+        assert got["returns"] == ev["results"][ev["timesteps"].tolist().index(step)].tolist()
+    return got
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path: Path, reference):

@@ -28,6 +28,8 @@ ACTIVATIONS = {
     "silu": "SiLU",
     "selu": "SELU",
 }
+#: the SB3 algorithms with a ``max_grad_norm`` argument (SAC has none and never clips)
+CLIPPING_AGENTS = ("PPO", "A2C")
 MODEL_FILE = "model.zip"
 BUFFER_FILE = "replay_buffer.pkl"
 
@@ -45,16 +47,26 @@ def optimizer_spec(c: Mapping[str, Any]) -> dict | None:
     kwargs = dict(opt.get("kwargs") or {})
     scaling = dict(opt["scaling"])
     rms_prop_eps = float((c["agent"].get("kwargs") or {}).get("rms_prop_eps", 1e-5))
-    if (not scaling["enabled"] and opt.get("max_grad_norm") is None
-            and is_sb3_default(name, kwargs, cls.lower(), rms_prop_eps)):
+    if not scaling["enabled"] and is_sb3_default(name, kwargs, cls.lower(), rms_prop_eps):
         return None
-    spec: dict[str, Any] = {"name": name, "kwargs": kwargs, "scaling": scaling,
-                            "max_grad_norm": opt.get("max_grad_norm")}
+    spec: dict[str, Any] = {"name": name, "kwargs": kwargs, "scaling": scaling}
     if opt.get("curvature") is not None:
         spec["curvature"] = opt["curvature"]
     if cls == "SAC" and opt.get("actor_curvature") is not None:
         spec["actor_curvature"] = opt["actor_curvature"]
     return spec
+
+
+def agent_kwargs(c: Mapping[str, Any]) -> dict:
+    """SB3's constructor arguments from ``agent.kwargs``; with ``clip_grad_norm: false`` PPO/A2C get
+    ``max_grad_norm=inf``, which both update paths read: SB3's ``clip_grad_norm_`` then multiplies
+    by exactly 1 and the curvature path skips clipping (SAC clips on neither path anyway)."""
+    kwargs = dict(c["agent"].get("kwargs") or {})
+    if isinstance(kwargs.get("train_freq"), list):
+        kwargs["train_freq"] = tuple(kwargs["train_freq"])
+    if not c.get("clip_grad_norm", True) and c["agent"]["cls"] in CLIPPING_AGENTS:
+        kwargs["max_grad_norm"] = float("inf")
+    return kwargs
 
 
 def policy_kwargs(c: Mapping[str, Any]) -> dict:
@@ -81,9 +93,7 @@ def build_model(c: Mapping[str, Any], env):
     import hesscale
 
     a = c["agent"]
-    kwargs = dict(a.get("kwargs") or {})
-    if isinstance(kwargs.get("train_freq"), list):
-        kwargs["train_freq"] = tuple(kwargs["train_freq"])
+    kwargs = agent_kwargs(c)
     try:
         return agent_class(a["cls"])(
             a["policy"], env, optimizer=optimizer_spec(c), learning_rate=float(c["opt"]["lr"]),

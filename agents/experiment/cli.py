@@ -25,7 +25,7 @@ import sys
 from typing import Any, Callable, NoReturn, Sequence
 
 CONFIG_ERROR_EXIT = 2
-_NULL_GROUP = re.compile(r"^(tuned|sweep)=(null|None|~)$")
+_NULL_GROUP = re.compile(r"^(tuned|opt_agent|sweep)=(null|None|~)$")
 
 
 def normalize_overrides(argv: Sequence[str]) -> list[str]:

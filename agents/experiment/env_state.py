@@ -76,11 +76,8 @@ def _mujoco_state(u) -> np.ndarray | None:
 
 def restore_vec_env(venv, snap: dict) -> bool:
     """Put a snapshot back into a freshly built ``venv`` of the same config; True if exact."""
-    norm, inner = _unwrap_vec(venv)
-    if norm is not None and snap.get("norm") is not None:
-        for k, v in snap["norm"].items():
-            if v is not None:
-                setattr(norm, k, copy.deepcopy(v))
+    restore_normalization(venv, snap.get("norm"))
+    _, inner = _unwrap_vec(venv)
     envs = snap.get("envs")
     if envs is None or not hasattr(inner, "envs") or len(envs) != len(inner.envs):
         return False
@@ -109,6 +106,16 @@ def restore_vec_env(venv, snap: dict) -> bool:
             w = getattr(w, "env", None)
     restore_pending_seeds(venv, snap)
     return exact
+
+
+def restore_normalization(venv, norm: dict | None) -> None:
+    """Put a snapshot's VecNormalize statistics (``snapshot_vec_env(...)["norm"]``) into ``venv``."""
+    target, _ = _unwrap_vec(venv)
+    if target is None or norm is None:
+        return
+    for k, v in norm.items():
+        if v is not None:
+            setattr(target, k, copy.deepcopy(v))
 
 
 def restore_pending_seeds(venv, snap: dict) -> None:

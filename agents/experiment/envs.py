@@ -3,7 +3,6 @@ MuJoCo instability report (a wrapper that detects it, a callback that ends the r
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
 import gymnasium as gym
@@ -76,7 +75,7 @@ def make_eval_env(cfg: Mapping[str, Any], seed: int | None = None, render_mode: 
 
     With normalisation on it is wrapped in VecNormalize(training=False, norm_reward=False); its
     statistics are copied from the training env at each evaluation (SB3's EvalCallback does it)
-    or loaded from ``vecnormalize.pkl`` when replaying a saved run.
+    or restored when replaying a saved run (:mod:`agents.experiment.evaluate`).
     """
     env_cfg = cfg["env"]
     filter_mujoco_warnings()
@@ -90,15 +89,6 @@ def make_eval_env(cfg: Mapping[str, Any], seed: int | None = None, render_mode: 
         venv = VecNormalize(venv, training=False, norm_obs=env_cfg["norm_obs"], norm_reward=False,
                             clip_obs=env_cfg["clip_obs"], gamma=_gamma(cfg))
     return venv
-
-
-def load_normalization(venv, path: Path):
-    """Wrap ``venv`` with saved VecNormalize statistics, frozen for evaluation."""
-    inner = venv.venv if isinstance(venv, VecNormalize) else venv
-    norm = VecNormalize.load(str(path), inner)
-    norm.training = False
-    norm.norm_reward = False
-    return norm
 
 
 def _gamma(cfg: Mapping[str, Any]) -> float:

@@ -1,7 +1,9 @@
 """The lifecycle of one run directory: skipped, locked, fresh or resumed, then ended.
 
-1. :func:`open_run`: a run already finished or diverged is skipped (unless ``rerun=true``); a run
-   directory locked by another process is left alone (:attr:`RunStatus.LOCKED`);
+1. :func:`open_run`: a run already finished or diverged is skipped (unless ``rerun=true``) when it
+   is current — its ``config.yaml`` equals the configuration asked for, volatile keys aside, and its
+   ``result.json`` has this results format (:func:`stale_reason`); a stale one is trained again. A
+   run directory locked by another process is left alone (:attr:`RunStatus.LOCKED`);
 2. :meth:`Session.begin`: the latest complete checkpoint of the same configuration is resumed
    (``checkpoint.resume``), else the directory's outputs are cleared for a fresh start; either way
    ``config.yaml`` is written and the result starts as ``running``;
@@ -17,13 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from agents.experiment.results import DONE, RESULT_FILE, RunStatus, now_iso, provenance, read_result, write_json
+from agents.experiment.results import (CONFIG_FILE, DONE, FINAL_EVAL_FILE, RESULT_FILE, RESULTS_FORMAT, RunStatus,
+                                       now_iso, provenance, read_result, write_json)
 from agents.experiment.store import CheckpointStore, load_state
 
 # keys that may differ between the session that wrote a checkpoint and the one resuming it
 VOLATILE_KEYS = ("progress_bar", "verbose", "rerun", "threads", "checkpoint", "save_model", "device",
                  "out_dir", "sweep_name")
-OUTPUTS = ("evaluations.npz", "model.zip", "vecnormalize.pkl", "error.txt", RESULT_FILE)
+OUTPUTS = ("evaluations.npz", "model.zip", "vecnormalize.pkl", FINAL_EVAL_FILE, "error.txt", RESULT_FILE)
 
 
 def identity(c: dict) -> dict:
@@ -35,12 +38,57 @@ def open_run(c: dict, run_dir: Path) -> tuple[IO | None, dict | None]:
     """``(lock, None)`` for a run to train, or ``(None, result)`` for one to skip (done or locked)."""
     prev = read_result(run_dir)
     if prev and prev.get("status") in DONE and not c.get("rerun", False):
-        return None, {**prev, "skipped": True}
+        why = stale_reason(run_dir, c, prev)
+        if why is None:
+            return None, {**prev, "skipped": True}
+        print(f"[stale] {run_dir}: {prev['status']}, but {why}; training it again", flush=True)
     lock = _lock(run_dir)
     if lock is None:
         return None, {"status": RunStatus.LOCKED, "run_dir": str(run_dir), "skipped": True,
                       "error": "another process holds this run directory's lock"}
     return lock, None
+
+
+def stale_reason(run_dir: Path, c: dict, result: dict) -> str | None:
+    """Why a done run no longer stands for the configuration ``c`` (None: it is current).
+
+    Stale when ``result.json``'s ``results_format`` differs from :data:`RESULTS_FORMAT` (absent
+    means 1, the format before the key existed) or when ``config.yaml``'s identity (the resolved
+    config without :data:`VOLATILE_KEYS`) differs from ``c``'s, both compared after one YAML round
+    trip so that formatting never counts as a change. The reason names the first differing keys.
+    """
+    fmt = result.get("results_format", 1)
+    if fmt != RESULTS_FORMAT:
+        return f"its result.json has results format {fmt}, this code writes {RESULTS_FORMAT}"
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return f"it has no {CONFIG_FILE}"
+    from omegaconf import OmegaConf
+
+    old = identity(OmegaConf.to_container(OmegaConf.load(path), resolve=True))  # type: ignore[arg-type]
+    new = identity(OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(OmegaConf.create(c))),
+                                          resolve=True))  # type: ignore[arg-type]
+    diff = _dotted_diff(old, new)
+    if not diff:
+        return None
+    shown = ", ".join(diff[:3]) + (f" (+{len(diff) - 3} more)" if len(diff) > 3 else "")
+    return f"its {CONFIG_FILE} differs: {shown}"
+
+
+def _dotted_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every differing leaf of two nested dicts (dotted keys)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            key = f"{prefix}{k}"
+            if k not in new:
+                out.append(f"{key}: {old[k]!r} -> (absent)")
+            elif k not in old:
+                out.append(f"{key}: (absent) -> {new[k]!r}")
+            else:
+                out += _dotted_diff(old[k], new[k], f"{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
 def _lock(run_dir: Path) -> IO | None:
@@ -97,9 +145,9 @@ class Session:
         else:
             store.cleanup_tmp()
             (run_dir / "error.txt").unlink(missing_ok=True)  # from a failed session being resumed
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(c)))
+        (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(c)))
         result: dict[str, Any] = {
-            "status": RunStatus.RUNNING, "run_dir": str(run_dir), **labels,
+            "status": RunStatus.RUNNING, "results_format": RESULTS_FORMAT, "run_dir": str(run_dir), **labels,
             "total_timesteps": c["total_timesteps"], "started_at": prev.get("started_at") or now_iso(),
             "provenance": provenance(c["threads"]),
         }

@@ -15,7 +15,11 @@ points are warned about; when all are that sparse, the training-episode returns
   the learning rate; cells with diverged runs are marked with a red x and "diverged/runs";
 * ``table.md`` and ``table.csv`` -- per (env, agent, opt, lr, variant) cell: runs, finished,
   diverged, failed, IQM / mean of the final return with 95% CIs, IQM of the return averaged over
-  the run with its CI.
+  the run with its CI;
+* ``improvement.md`` and ``improvement.csv`` -- only when the challenger optimizer (``--challenger``,
+  default ``hesscale``) and SB3's default optimizer both have runs: the probability of improvement
+  of the first over the second per env and over all envs of an agent
+  (:mod:`agents.experiment.report_improvement`).
 
 Diverged runs stay in the statistics: after their divergence (and wherever their evaluation
 return is not finite) they score the worst return seen in that env, the floor. Failed runs and
@@ -31,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from .report_improvement import improvement_markdown, improvement_table
 from .report_runs import find_runs, load_curve, sparse_fallback
 from .results import DONE, RunStatus
 
@@ -277,7 +282,7 @@ def plot_sensitivity(df, out: Path, reps: int, seed: int) -> Path | None:
 
 # ----------------------------------------------------------------------------- entry point
 def make_report(root: Path, out: Path | None = None, reps: int = 2000, source: str = "auto",
-                points: int = 100, seed: int = 0) -> dict[str, Any]:
+                points: int = 100, seed: int = 0, challenger: str = "hesscale") -> dict[str, Any]:
     """Write the report files for the runs below ``root``; returns their paths and the table."""
     root = Path(root)
     if not root.is_dir():
@@ -295,7 +300,12 @@ def make_report(root: Path, out: Path | None = None, reps: int = 2000, source: s
     (out / "table.md").write_text(_markdown(table))
     paths: dict[str, Any] = {"table_csv": out / "table.csv", "table_md": out / "table.md",
                              "curves": None, "sensitivity": None, "table": table, "runs": len(runs),
-                             "warnings": notes}
+                             "warnings": notes, "improvement": None}
+    improvement = improvement_table(df, challenger, reps, seed)
+    if len(improvement):
+        improvement.to_csv(out / "improvement.csv", index=False)
+        (out / "improvement.md").write_text(improvement_markdown(improvement))
+        paths["improvement"] = out / "improvement.md"
     if grids and df["curve"].notna().any():
         paths["curves"] = plot_curves(df, table, grids, out, reps, seed)
     paths["sensitivity"] = plot_sensitivity(df, out, reps, seed)
@@ -312,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                         "returns (train), or eval then tb, with train when every run has <= 2 evaluations")
     p.add_argument("--points", type=int, default=100, help="points of the common step grid")
     p.add_argument("--seed", type=int, default=0, help="bootstrap random seed")
+    p.add_argument("--challenger", default="hesscale",
+                   help="optimizer (opt= name) compared with SB3's default one in improvement.md")
     a = p.parse_args(argv)
     if a.reps < 0 or a.points < 2:
         print("error: --reps must be >= 0 and --points >= 2", file=sys.stderr)
@@ -320,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
     matplotlib.use("Agg")
     try:
-        r = make_report(a.sweep_dir, a.out, a.reps, a.source, a.points, a.seed)
+        r = make_report(a.sweep_dir, a.out, a.reps, a.source, a.points, a.seed, a.challenger)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -329,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     t = r["table"]
     print(f"{r['runs']} runs, {len(t)} cells, {int(t['diverged'].sum())} diverged, "
           f"{int(t['failed'].sum())} failed")
-    for k in ("curves", "sensitivity", "table_md", "table_csv"):
+    for k in ("curves", "sensitivity", "table_md", "table_csv", "improvement"):
         if r[k] is not None:
             print(f"wrote {r[k]}")
     return 0

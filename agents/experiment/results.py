@@ -16,6 +16,12 @@ from typing import Any
 import numpy as np
 
 RESULT_FILE = "result.json"
+CONFIG_FILE = "config.yaml"  # the run's resolved configuration
+#: bumped whenever result.json or evaluations.npz change meaning: committed runs of another format
+#: are stale and run again (a result.json without the key is format 1)
+RESULTS_FORMAT = 1
+#: the inputs of the run's final evaluation (:mod:`agents.experiment.eval_history`)
+FINAL_EVAL_FILE = "final_eval.pkl"
 
 
 class RunStatus(str, Enum):

@@ -2,7 +2,8 @@
 
 A run directory holds ``config.yaml`` (resolved), ``.hydra/`` (Hydra's own record), ``tb/``
 (TensorBoard events and ``progress.csv``), ``evaluations.npz``, ``model.zip``,
-``vecnormalize.pkl`` and ``result.json``, and while the run is unfinished ``checkpoints/``
+``vecnormalize.pkl``, ``final_eval.pkl`` (what the final evaluation read, for
+``scripts/evaluate.py``) and ``result.json``, and while the run is unfinished ``checkpoints/``
 (see :mod:`agents.experiment.resume`). The task function returns normally when a run fails
 or diverges (the status is in ``result.json``), so one bad job never stops a sweep. A run that
 was killed, preempted or failed resumes from its latest checkpoint when the same command is run
@@ -21,7 +22,7 @@ from typing import Any, Mapping
 
 from agents.experiment.errors import ConfigError
 from agents.experiment.lifecycle import Session, identity, open_run
-from agents.experiment.results import RESULT_FILE, RunStatus, eval_summary, now_iso, read_result, write_json
+from agents.experiment.results import FINAL_EVAL_FILE, RESULT_FILE, RunStatus, eval_summary, now_iso, read_result, write_json
 from agents.experiment.validation import validate
 
 
@@ -72,7 +73,7 @@ def _train_session(session: Session, progress_bar: bool | None) -> dict:
     from agents.experiment.resume import ResumeCallback
 
     c, run_dir, result = session.c, session.run_dir, session.result
-    env = eval_env = model = None
+    env = eval_env = model = eval_cb = None
     t0 = time.perf_counter() - session.wall_time_before
     try:
         env, eval_env, model, eval_cb = _open_agent(session)
@@ -112,7 +113,7 @@ def _train_session(session: Session, progress_bar: bool | None) -> dict:
                    "env_steps_per_s": round(steps / wall, 2) if wall > 0 else None,
                    "finished_at": now_iso(), **eval_summary(run_dir)})
     if model is not None and c.get("save_model", True) and "preempted" not in result:
-        _save_outputs(session, model, env)
+        _save_outputs(session, model, env, eval_cb)
     for e in (env, eval_env):
         try:
             if e is not None:
@@ -122,12 +123,17 @@ def _train_session(session: Session, progress_bar: bool | None) -> dict:
     return session.end()
 
 
-def _save_outputs(session: Session, model, env) -> None:
-    """``model.zip`` and ``vecnormalize.pkl``; a failure is recorded in the result, not raised."""
+def _save_outputs(session: Session, model, env, eval_cb) -> None:
+    """``model.zip``, ``vecnormalize.pkl`` and ``final_eval.pkl``; a failure is recorded in the
+    result, not raised."""
+    from agents.experiment.eval_history import save_eval_inputs
+
     try:
         model.save(str(session.run_dir / "model.zip"))
         if env is not None and hasattr(env, "save") and session.c["env"]["normalize"]:
             env.save(str(session.run_dir / "vecnormalize.pkl"))
+        if eval_cb is not None and eval_cb.last_eval is not None:
+            save_eval_inputs(session.run_dir / FINAL_EVAL_FILE, eval_cb.last_eval)
     except Exception as e:  # noqa: BLE001
         session.result.setdefault("error", f"saving failed: {type(e).__name__}: {e}")
 

@@ -14,8 +14,8 @@ from typing import Any, Mapping
 from agents.experiment.build import ACTIVATIONS, optimizer_spec
 from agents.experiment.errors import ConfigError
 from agents.experiment.keys import unknown_keys, unknown_open_keys
-from agents.optimizers import (ACTOR_CURVATURE, ALGOS, CURVATURE_METHODS, KWARG_RANGES, MAX_GRAD_NORM_RANGE,
-                               OPTIMIZER_NAMES, SCALING_RANGES, normalize_optimizer_config)
+from agents.optimizers import (ACTOR_CURVATURE, ALGOS, CURVATURE_METHODS, KWARG_RANGES, OPTIMIZER_NAMES,
+                               SCALING_RANGES, normalize_optimizer_config)
 from agents.ranges import NON_NEGATIVE, POSITIVE, UNIT, Range
 
 AGENT_CLASSES = tuple(a.upper() for a in ALGOS)
@@ -39,8 +39,6 @@ RANGES: dict[str, Range] = {
     "env.clip_obs": POSITIVE,
 }
 CHECKPOINT_RANGES: dict[str, Range] = {"checkpoint.freq": _INDEX, "checkpoint.keep": _COUNT}
-#: keys that may be null
-NULLABLE_RANGES: dict[str, Range] = {"opt.max_grad_norm": MAX_GRAD_NORM_RANGE}
 #: keys that may be absent (SB3's or the optimizer's default then applies)
 OPTIONAL_RANGES: dict[str, Range] = {
     **{f"agent.kwargs.{k}": _COUNT for k in ("n_steps", "batch_size", "n_epochs", "buffer_size", "gradient_steps")},
@@ -78,7 +76,7 @@ def schema_leaves(path: Path = OPT_SCHEMA, prefix: str = "opt") -> dict[str, Any
 
 
 #: booleans: the opt schema's (its default is true or false) and these
-BOOLEANS = ("eval.deterministic", "progress_bar", "env.normalize",
+BOOLEANS = ("eval.deterministic", "progress_bar", "env.normalize", "clip_grad_norm",
             *(k for k, v in schema_leaves().items() if isinstance(v, bool)))
 CHECKPOINT_BOOLEANS = ("checkpoint.resume", "checkpoint.keep_when_done")
 #: keys the runner sets itself; ``agent.kwargs.<key>`` is refused
@@ -103,10 +101,9 @@ class _Checker:
         else:
             self.errors.append(f"{key}={value!r} is not allowed: {allowed}")
 
-    def in_range(self, cfg: Mapping, key: str, allowed: Range, nullable: bool = False,
-                 optional: bool = False) -> None:
+    def in_range(self, cfg: Mapping, key: str, allowed: Range, optional: bool = False) -> None:
         v = _get(cfg, key)
-        if (v is None and nullable) or (v is _MISSING and optional):
+        if v is _MISSING and optional:
             return
         if v not in allowed:
             self.fail(key, v, "expected " + allowed.expected())
@@ -163,11 +160,13 @@ def validate(cfg: Any) -> dict:
     unknown = unknown_keys(c)  # a typo'd key would otherwise be ignored silently
     if unknown:
         raise ConfigError("\n".join(unknown))
+    # agent.lr (SB3's default) only provides opt.lr's default: the resolved config keeps one
+    # learning rate, opt.lr, the one the optimizer gets (config.yaml, result.json, resume identity).
+    c["agent"].pop("lr", None)
+    c.setdefault("clip_grad_norm", True)  # a config composed before the switch existed
 
     for key, allowed in RANGES.items():
         ck.in_range(c, key, allowed)
-    for key, allowed in NULLABLE_RANGES.items():
-        ck.in_range(c, key, allowed, nullable=True)
     for key, allowed in OPTIONAL_RANGES.items():
         if not (key in AUTO_KEYS and str(_get(c, key)).startswith("auto")):
             ck.in_range(c, key, allowed, optional=True)

@@ -4,11 +4,14 @@
 * :class:`StepSizeScaling` — wraps any torch optimizer and shrinks each group's step so that
   ``½α²·Σ c·u² ≤ δ`` with ``c = sqrt(EMA(ĥ²))``.
 * :class:`AdaHessian` — the Hutchinson baseline; computes its own ``hess_diag``.
+* :class:`CountsSkippedSteps`, :class:`ReportsStepScales` — what a caller reads after ``step()``.
 """
 
 from ._common import MissingCurvatureError
 from .adahessian import AdaHessian
 from .adahesscale import AdaHesScale
+from .protocols import CountsSkippedSteps, ReportsStepScales
 from .scaling import StepSizeScaling
 
-__all__ = ["AdaHesScale", "AdaHessian", "MissingCurvatureError", "StepSizeScaling"]
+__all__ = ["AdaHesScale", "AdaHessian", "CountsSkippedSteps", "MissingCurvatureError", "ReportsStepScales",
+           "StepSizeScaling"]

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._common import clear_hess_diag, scratch_buffers
-from ._flat import FlatState
+from ._flat import Chunk, FlatLayout
 
 __all__ = ["CurvatureOptimizer"]
 
@@ -38,7 +38,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.keep_curvature_scale = False
         self._roots: dict[int, list[Tensor]] = {}
         self._root_buffers: dict[Tensor, Tensor] = {}
-        self._flat_cache: dict[int, FlatState] = {}
+        self._flat_cache: dict[int, FlatLayout] = {}
+        self._chunks: dict[int, tuple[tuple[int, ...], list[Chunk]]] = {}  # flat work buffers per group
         super().__init__(params, defaults)
 
     # -- hooks for subclasses ----------------------------------------------------------------
@@ -71,15 +72,21 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _keep_roots(self, group_index: int, roots: list[Tensor]) -> None:
         self._roots[group_index] = roots
 
-    def _state_lists(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[int]]:
-        """``m``, ``v`` and the incremented step count of each param (created on first use)."""
-        exp_avgs, second_moments, steps = [], [], []
+    def _ensure_state(self, params: list[Tensor]) -> None:
+        """Create the state of params that have none: step 0, zero ``m`` and ``v``."""
         for p in params:
             state = self.state[p]
             if not state:
                 state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state[self.second_moment_key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _state_lists(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[int]]:
+        """``m``, ``v`` and the incremented step count of each param (created on first use)."""
+        exp_avgs, second_moments, steps = [], [], []
+        self._ensure_state(params)
+        for p in params:
+            state = self.state[p]
             state["step"] += 1
             exp_avgs.append(state["exp_avg"])
             second_moments.append(state[self.second_moment_key])
@@ -125,6 +132,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_roots", {})
         self.__dict__.setdefault("_root_buffers", {})
         self.__dict__.setdefault("_flat_cache", {})
+        self.__dict__.setdefault("_chunks", {})
 
     def _begin_step(self) -> None:
         self.last_skipped_groups = set()

@@ -14,12 +14,14 @@ __all__ = [
     "FLAT_LIMIT",
     "MissingCurvatureError",
     "all_finite",
+    "bias_corrected_denominators",
     "check_betas",
     "check_in_unit_interval",
     "check_nonnegative",
     "check_positive",
     "clear_hess_diag",
     "group_key",
+    "negated",
     "param_label",
     "read_hess_diag",
     "scratch_buffers",
@@ -178,16 +180,59 @@ def sqrt_into(out: list[Tensor], src: list[Tensor]) -> list[Tensor]:
 
 
 def update_moments(
-    params: list[Tensor], grads: list[Tensor], hess: list[Tensor], exp_avgs: list[Tensor],
-    second_moments: list[Tensor], lr: float, weight_decay: float, beta1: float, beta2: float,
-    squared: bool = True,
+    grads: list[Tensor], x: list[Tensor], exp_avgs: list[Tensor], second_moments: list[Tensor],
+    beta1: float, beta2: float, squared: bool = True,
 ) -> None:
-    """``θ ← θ·(1 − lr·wd)``, ``m ← β1·m + (1−β1)·g``, ``v ← β2·v + (1−β2)·(ĥ² or |ĥ|)`` (foreach)."""
-    if weight_decay != 0.0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    """``m ← β1·m + (1−β1)·g``, ``v ← β2·v + (1−β2)·(x² or |x|)`` (foreach; x = g for Adam, ĥ here)."""
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(second_moments, beta2)
     if squared:
-        torch._foreach_addcmul_(second_moments, hess, hess, value=1.0 - beta2)
+        torch._foreach_addcmul_(second_moments, x, x, value=1.0 - beta2)
     else:
-        torch._foreach_add_(second_moments, torch._foreach_abs(hess), alpha=1.0 - beta2)
+        torch._foreach_add_(second_moments, torch._foreach_abs(x), alpha=1.0 - beta2)
+
+
+def bias_corrected_denominators(
+    v: list[Tensor], steps: list[int] | list[float], lr: float, beta1: float, beta2: float, eps: float,
+    power: float = 0.5, roots: list[Tensor] | None = None, out: list[Tensor] | None = None,
+) -> tuple[list[Tensor], float | list[float]]:
+    r"""The Adam-family step ``u = lr·(m/bc1) / ((v/bc2)^power + eps)`` as ``u = s·m / denom``.
+
+    The one place the bias corrections ``bc1 = 1−β1^t``, ``bc2 = 1−β2^t`` (t per tensor) enter:
+    with ``k = bc2^power`` the same step is ``(lr·k/bc1)·m / (v^power + eps·k)``, one pass less.
+    ``power`` 1/2: Adam and AdaHesScale "adam"/"sqrt"; 1: AdaHesScale "newton"; ``k/2``: AdaHessian
+    with ``hessian_power`` k. Returns ``denom`` (written into ``out`` if given, else new tensors
+    shaped like ``v``) and ``s`` (one float if every t is equal, else one per tensor). ``roots``,
+    if given, receive ``sqrt(v)`` (``power`` ≠ 1 only).
+    """
+    same_t = all(t == steps[0] for t in steps)
+    bc1 = [1.0 - beta1**t for t in steps]
+    bc2 = [1.0 - beta2**t for t in steps]
+    k = [math.sqrt(b) if power == 0.5 else b**power for b in bc2]
+    eps_k = _one_or_all([eps * ki for ki in k], same_t)
+    scale = _one_or_all([lr * ki / b for ki, b in zip(k, bc1)], same_t)
+    if power == 1.0:
+        base = v
+    elif roots is not None:
+        base = sqrt_into(roots, v)
+    else:
+        base = sqrt_into(out, v) if out is not None else torch._foreach_sqrt(v)
+    if power not in (0.5, 1.0):
+        base = torch._foreach_pow(base, 2.0 * power)
+    if base is out or (out is None and base is not v and base is not roots):
+        torch._foreach_add_(base, eps_k)  # a temporary (or ``out``) of ours: in place
+        return base, scale
+    if out is None:
+        return torch._foreach_add(base, eps_k), scale
+    for i, (o, b) in enumerate(zip(out, base)):
+        torch.add(b, eps_k if same_t else eps_k[i], out=o)
+    return out, scale
+
+
+def _one_or_all(values: list[float], same: bool) -> float | list[float]:
+    return values[0] if same else values
+
+
+def negated(scale: float | list[float]) -> float | list[float]:
+    """``-scale`` for one scalar or each of a list (foreach scalar arguments)."""
+    return -scale if isinstance(scale, float) else [-s for s in scale]

@@ -1,104 +1,162 @@
 """Flat buffers: one contiguous tensor per param group (and device, dtype) instead of one per param.
 
 On CPU every kernel launch costs about as much as a small layer's arithmetic. For small groups
-(up to ``_common.FLAT_LIMIT`` elements) AdaHesScale keeps its moments as flat tensors
-(:class:`FlatState`) and StepSizeScaling does its element-wise work and reductions on flat copies
-(:class:`Chunk`): a handful of launches per step instead of several per parameter.
+(up to ``_common.FLAT_LIMIT`` elements) the optimizers keep their moments as flat tensors
+(:class:`FlatLayout`) and StepSizeScaling does its element-wise work and reductions on flat
+buffers (:class:`Chunk`): a handful of launches per step instead of several per parameter.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import _common
 
-__all__ = ["Chunk", "FlatState", "flatten_into", "make_chunks", "partial_sums"]
+__all__ = ["BUFFERS", "Chunk", "FlatLayout", "build_flat_layout", "cached_chunks", "flatten_into", "gather_gh",
+           "make_chunks", "param_views"]
 
 
 @dataclass
-class FlatState:
-    """The moment buffers of a small param group as two flat tensors (per-param state = views)."""
+class FlatLayout:
+    """An optimizer's state of a small param group as one flat tensor per key; the per-param state
+    entries are views of them (so ``state_dict`` and the optimizer's own step see the same values)."""
 
-    key: tuple[int, ...]
-    sizes: list[int]
-    shapes: list[torch.Size]
-    exp_avg: Tensor
-    exp_avg_sq: Tensor
+    key: tuple[int, ...]  # ids of the params, in order
+    views: dict[str, list[Tensor]] = field(default_factory=dict)
+    flat: dict[str, Tensor | None] = field(default_factory=dict)  # None: a lazy key not created yet
+    steps: Tensor | None = None  # torch's per-param step tensors as one flat tensor (their views in the state)
 
-    @classmethod
-    def build(cls, key: tuple[int, ...], params: list[Tensor]) -> FlatState:
-        sizes = [p.numel() for p in params]
-        zeros = torch.zeros(sum(sizes), dtype=params[0].dtype, device=params[0].device)
-        return cls(key, sizes, [p.shape for p in params], zeros, torch.zeros_like(zeros))
+    def intact(self, params: list[Tensor], states: list[dict[str, Any]], step: str | None) -> bool:
+        """True while the params are the same and every per-param state entry is still this layout's
+        view (no ``load_state_dict`` since); for integer step counts, while they are all equal."""
+        if self.key != tuple(id(p) for p in params):
+            return False
+        for key, views in self.views.items():
+            if any(st.get(key) is not view for st, view in zip(states, views)):
+                return False
+        return step != "int" or len({st["step"] for st in states}) == 1
 
-    def views(self, flat: Tensor) -> list[Tensor]:
-        """``flat`` cut into per-parameter views of the parameters' shapes."""
-        return [x.view(shape) for x, shape in zip(flat.split(self.sizes), self.shapes)]
+    def adopt(self, key: str, flat: Tensor, params: list[Tensor], states: list[dict[str, Any]]) -> None:
+        """Make ``flat`` the tensor of ``key`` and put views of it into the per-param state."""
+        self.flat[key] = flat
+        self.views[key] = param_views(params, flat)
+        for st, view in zip(states, self.views[key]):
+            st[key] = view
+
+
+def build_flat_layout(params: list[Tensor], states: list[dict[str, Any]], keys: tuple[str, ...],
+                      lazy: tuple[str, ...] = (), step: str | None = None) -> FlatLayout | None:
+    """Copy the per-param state ``keys`` (and ``lazy`` keys where present) into flat tensors and put
+    views of them in its place. ``step``: ``"tensor"`` (torch's step tensors, made views of one flat
+    tensor), ``"int"`` or None. None (nothing changed) when the step counts differ, or a lazy key
+    exists for some params only."""
+    if step is not None and len({float(st["step"]) for st in states}) != 1:
+        return None
+    present = {key: [key in st for st in states] for key in keys + lazy}
+    if any(any(has) and not all(has) for has in present.values()):
+        return None
+    layout = FlatLayout(tuple(id(p) for p in params))
+    for key in keys + lazy:
+        if all(present[key]):
+            layout.adopt(key, torch.cat([st[key].reshape(-1) for st in states]), params, states)
+        else:
+            layout.flat[key] = None
+    if step == "tensor":
+        layout.steps = torch.stack([st["step"] for st in states])
+        for i, st in enumerate(states):
+            st["step"] = layout.steps[i]
+        layout.views["step"] = [st["step"] for st in states]
+    return layout
+
+
+#: the flat work buffers of a :class:`Chunk`; each holds one quantity for a whole step
+BUFFERS: dict[str, str] = {
+    "gh": "g and ĥ side by side (2n entries; small chunks: one sum checks both for NaN/inf)",
+    "theta": "θ at the start of the step",
+    "u": "the update u of the wrapped optimizer (θ_after = θ_before − u)",
+    "c": "the curvature scale c = sqrt(EMA_beta(ĥ²)), multiplied by u in place for T = Σ (c·u)·u",
+    "ema": "EMA_beta(ĥ²): StepSizeScaling's state (per-param views of it live in its state)",
+}
 
 
 @dataclass
 class Chunk:
-    """Parameters of one group that share a device and dtype, with their flat buffers."""
+    """Parameters of one group that share a device and dtype, with named flat buffers (:data:`BUFFERS`)."""
 
     params: list[Tensor]
     positions: list[int]  # index of each param in the list of the group's stepping params
-    before: Tensor  # θ_before, then u = θ_before − θ_after
-    work: Tensor  # ĥ, then c, then c·u
-    ema: Tensor | None = None  # EMA_beta(ĥ²), flat; per-param views live in the optimizer state
+    buffers: dict[str, Tensor] = field(default_factory=dict)
     views: dict[str, list[Tensor]] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
 
     @property
     def small(self) -> bool:
         """Small chunks copy into flat buffers (few launches); large ones use per-param views."""
-        return self.work.numel() <= _common.FLAT_LIMIT
+        return self.numel <= _common.FLAT_LIMIT
+
+    def buffer(self, name: str) -> Tensor:
+        """The flat buffer ``name`` (allocated on first use; ``ema`` starts at zero)."""
+        buf = self.buffers.get(name)
+        if buf is None:
+            if name not in BUFFERS:
+                raise KeyError(f"unknown buffer {name!r}; valid: {', '.join(BUFFERS)}")
+            first = self.params[0]
+            n = self.numel * (2 if name == "gh" else 1)
+            make = torch.zeros if name == "ema" else torch.empty
+            buf = self.buffers[name] = make(n, device=first.device, dtype=first.dtype)
+        return buf
 
     def views_of(self, name: str) -> list[Tensor]:
-        """Per-parameter views (shaped like the params) into the flat buffer ``name``."""
+        """Per-parameter views (shaped like the params) into the flat buffer ``name`` ("g", "h": the
+        halves of ``gh``); made once."""
         if name not in self.views:
-            flat = getattr(self, name)
-            out, offset = [], 0
-            for p in self.params:
-                n = p.numel()
-                out.append(flat[offset : offset + n].view(p.shape))
-                offset += n
-            self.views[name] = out
+            if name in ("g", "h"):
+                n = self.numel
+                flat = self.buffer("gh")[:n] if name == "g" else self.buffer("gh")[n:]
+            else:
+                flat = self.buffer(name)
+            self.views[name] = param_views(self.params, flat)
         return self.views[name]
 
 
+def param_views(params: list[Tensor], flat: Tensor) -> list[Tensor]:
+    """``flat`` cut into consecutive views shaped like ``params``."""
+    return [x.view_as(p) for x, p in zip(flat.split([p.numel() for p in params]), params)]
+
+
+def cached_chunks(store: dict[int, tuple[tuple[int, ...], list[Chunk]]], gi: int, params: list[Tensor]) -> list[Chunk]:
+    """The chunks of group ``gi`` kept in ``store``, made anew when its stepping params changed."""
+    key = tuple(id(p) for p in params)
+    cached = store.get(gi)
+    if cached is None or cached[0] != key:
+        cached = store[gi] = (key, make_chunks(params))
+    return cached[1]
+
+
 def make_chunks(params: list[Tensor]) -> list[Chunk]:
-    """Split ``params`` by (device, dtype) and allocate two flat buffers for each part."""
+    """Split ``params`` by (device, dtype)."""
     parts: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, p in enumerate(params):
         parts.setdefault((p.device, p.dtype), []).append(i)
-    chunks = []
-    for (device, dtype), positions in parts.items():
-        ps = [params[i] for i in positions]
-        n = sum(p.numel() for p in ps)
-        chunks.append(
-            Chunk(
-                params=ps,
-                positions=positions,
-                before=torch.empty(n, device=device, dtype=dtype),
-                work=torch.empty(n, device=device, dtype=dtype),
-            )
-        )
-    return chunks
+    return [Chunk([params[i] for i in positions], positions) for positions in parts.values()]
 
 
 def flatten_into(chunk: Chunk, name: str, tensors: list[Tensor]) -> Tensor:
     """Copy ``tensors`` (shaped like ``chunk.params``) into the flat buffer ``name``; return it."""
     torch._foreach_copy_(chunk.views_of(name), tensors)
-    return getattr(chunk, name)
+    return chunk.buffer(name)
 
 
-def partial_sums(chunk: Chunk, name: str, tensors: list[Tensor]) -> list[Tensor]:
-    """Sums whose total is ``Σ`` over all entries of ``tensors`` (NaN/inf propagate into them).
-
-    Small chunks sum a flat copy, kept in the buffer ``name``; large ones sum each tensor.
-    """
-    if chunk.small:
-        return [flatten_into(chunk, name, tensors).sum()]
-    return [t.sum() for t in tensors]
+def gather_gh(chunk: Chunk, grads: list[Tensor], hess: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """``g`` and ``ĥ`` of a small chunk copied side by side into ``gh`` (one launch): (gh, g, ĥ)."""
+    gh = chunk.buffer("gh")
+    torch.cat([t.reshape(-1) for t in grads] + [t.reshape(-1) for t in hess], out=gh)
+    n = gh.numel() // 2
+    return gh, gh[:n], gh[n:]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -13,14 +12,15 @@ from . import _common
 from ._base import CurvatureOptimizer
 from ._common import (
     all_finite,
+    bias_corrected_denominators,
     check_betas,
     check_nonnegative,
     check_positive,
+    negated,
     read_hess_diag,
-    sqrt_into,
     update_moments,
 )
-from ._flat import FlatState
+from ._flat import FlatLayout, build_flat_layout, cached_chunks, gather_gh
 
 __all__ = ["AdaHesScale"]
 
@@ -129,51 +129,48 @@ class AdaHesScale(CurvatureOptimizer):
         params: list[Tensor],
         grads: list[Tensor],
         hess: list[Tensor],
-        flat: FlatState,
+        flat: FlatLayout,
     ) -> None:
         """The path of small groups: one flat copy of g and ĥ, a handful of launches in all."""
-        gh = torch.cat([t.reshape(-1) for t in grads + hess])
+        (chunk,) = cached_chunks(self._chunks, gi, params)
+        gh, g, h = gather_gh(chunk, grads, hess)
         if not bool(torch.isfinite(gh.sum())):
             self._skip_group(gi)
             return
         for p in params:
             self.state[p]["step"] += 1
-        n = gh.numel() // 2
         keep = self.keep_curvature_scale and group["variant"] == "adam"
-        root = torch.empty_like(flat.exp_avg) if keep else None
+        root = chunk.buffer("c") if keep else None
         t = self.state[params[0]]["step"]
-        u = _flat_update(gh[:n], gh[n:], flat.exp_avg, flat.exp_avg_sq, t, group, root)
+        scale = _flat_update(g, h, flat.flat["exp_avg"], flat.flat["exp_avg_sq"], t, group, root, chunk.buffer("u"))
         if group["weight_decay"] != 0.0:
             torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
-        torch._foreach_sub_(params, flat.views(u))
+        torch._foreach_add_(params, chunk.views_of("u"), alpha=-scale)
         if root is not None:
-            self._keep_roots(gi, flat.views(root))
+            self._keep_roots(gi, chunk.views_of("c"))
 
-    def _flat_state(self, gi: int, params: list[Tensor]) -> FlatState | None:
+    def _flat_state(self, gi: int, params: list[Tensor]) -> FlatLayout | None:
         """Flat ``exp_avg``/``exp_avg_sq`` of a small, uniform group (per-param state = views), else None."""
         first = params[0]
         if sum(p.numel() for p in params) > _common.FLAT_LIMIT:
             return None
         if any(p.device != first.device or p.dtype != first.dtype for p in params):
             return None
-        steps = {self.state[p].get("step", 0) if p in self.state else 0 for p in params}
-        if len(steps) != 1:  # bias corrections differ per param: the general path handles it
-            return None
-        key = tuple(id(p) for p in params)
+        states = [self.state[p] for p in params]
         cached = self._flat_cache.get(gi)
-        if cached is not None and cached.key == key:
+        if cached is not None and cached.intact(params, states, "int"):
             return cached
-        flat = FlatState.build(key, params)
-        for p, m, v in zip(params, flat.views(flat.exp_avg), flat.views(flat.exp_avg_sq)):
-            state = self.state[p]
-            if state:
-                m.copy_(state["exp_avg"])
-                v.copy_(state["exp_avg_sq"])
-            else:
-                state["step"] = 0
-            state["exp_avg"], state["exp_avg_sq"] = m, v
-        self._flat_cache[gi] = flat
-        return flat
+        self._ensure_state(params)
+        # None when the step counts differ (bias corrections per param): the general path handles it
+        layout = build_flat_layout(params, states, ("exp_avg", "exp_avg_sq"), step="int")
+        if layout is not None:
+            self._flat_cache[gi] = layout
+        return layout
+
+
+def power_of(variant: str) -> float:
+    """The exponent of ``v/bc2`` in the denominator: 1 for "newton", 1/2 otherwise."""
+    return 1.0 if variant == "newton" else 0.5
 
 
 def _update(
@@ -193,46 +190,23 @@ def _update(
         [params, grads, hess, exp_avgs, exp_avg_sqs], with_indices=True
     )
     for (p, g, h, m, v), indices in grouped.values():
-        t = [steps[i] for i in indices]
-        update_moments(p, g, h, m, v, lr, weight_decay, beta1, beta2, squared=variant == "adam")
-
-        # lr·(m/bc1) / (sqrt(v)/sqrt(bc2) + eps) = (lr·sqrt(bc2)/bc1)·m / (sqrt(v) + eps·sqrt(bc2)):
-        # the same step with one pass less (newton: bc2 in place of sqrt(bc2), v in place of sqrt(v)).
-        same_t = all(ti == t[0] for ti in t)
-        bc1 = [1.0 - beta1**ti for ti in t]
-        bc2 = [1.0 - beta2**ti for ti in t]
-        k = bc2 if variant == "newton" else [math.sqrt(b) for b in bc2]
-        eps_k = _scalars([eps * ki for ki in k], same_t)
-        if variant == "newton":
-            denom = torch._foreach_add(v, eps_k)
-        elif roots is None:
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_add_(denom, eps_k)
-        else:
-            denom = torch._foreach_add(sqrt_into([roots[i] for i in indices], v), eps_k)
-        torch._foreach_addcdiv_(p, m, denom, _scalars([-lr * ki / b for ki, b in zip(k, bc1)], same_t))
+        if weight_decay != 0.0:
+            torch._foreach_mul_(p, 1.0 - lr * weight_decay)
+        update_moments(g, h, m, v, beta1, beta2, squared=variant == "adam")
+        rs = [roots[i] for i in indices] if roots is not None else None
+        denom, scale = bias_corrected_denominators(
+            v, [steps[i] for i in indices], lr, beta1, beta2, eps, power_of(variant), rs
+        )
+        torch._foreach_addcdiv_(p, m, denom, negated(scale))
 
 
 def _flat_update(
-    g: Tensor, h: Tensor, m: Tensor, v: Tensor, t: int, group: dict[str, Any], root: Tensor | None
-) -> Tensor:
-    """The same update on flat tensors; returns the step ``lr·(m/bc1)/denom`` (weight decay aside)."""
+    g: Tensor, h: Tensor, m: Tensor, v: Tensor, t: int, group: dict[str, Any], root: Tensor | None, out: Tensor
+) -> float:
+    """The same update on flat tensors: ``out = m/denom``; returns ``s`` (the step is ``s·out``, decay aside)."""
     lr, (beta1, beta2), eps, variant = group["lr"], group["betas"], group["eps"], group["variant"]
-    m.lerp_(g, 1.0 - beta1)
-    v.mul_(beta2)
-    if variant == "adam":
-        v.addcmul_(h, h, value=1.0 - beta2)
-    else:
-        v.add_(h.abs(), alpha=1.0 - beta2)
-    bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
-    k = bc2 if variant == "newton" else math.sqrt(bc2)  # see _update: one pass less, same step
-    if variant == "newton":
-        denom = v + eps * k
-    else:
-        denom = torch.sqrt(v, out=root) if root is not None else torch.sqrt(v)
-        denom = denom + eps * k if root is not None else denom.add_(eps * k)
-    return torch.div(m, denom, out=denom).mul_(lr * k / bc1)
-
-
-def _scalars(values: list[float], same: bool) -> float | list[float]:
-    return values[0] if same else values
+    update_moments([g], [h], [m], [v], beta1, beta2, squared=variant == "adam")
+    roots = [root] if root is not None else None
+    _, scale = bias_corrected_denominators([v], [t], lr, beta1, beta2, eps, power_of(variant), roots, out=[out])
+    torch.div(m, out, out=out)
+    return scale

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -13,11 +12,12 @@ from torch import Tensor
 from ._base import CurvatureOptimizer
 from ._common import (
     all_finite,
+    bias_corrected_denominators,
     check_betas,
     check_nonnegative,
     check_positive,
+    negated,
     param_label,
-    sqrt_into,
     update_moments,
 )
 
@@ -177,16 +177,9 @@ def _update(
         [params, grads, hess, exp_avgs, exp_sqs], with_indices=True
     )
     for (p, g, d, m, v), indices in grouped.values():
-        t = [steps[i] for i in indices]
-        update_moments(p, g, d, m, v, lr, weight_decay, beta1, beta2)
-        sqrt_bc2 = [math.sqrt(1.0 - beta2**ti) for ti in t]
-        if roots is None:
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, sqrt_bc2)
-        else:
-            root = sqrt_into([roots[i] for i in indices], v)
-            denom = torch._foreach_div(root, sqrt_bc2)
-        if k != 1.0:
-            torch._foreach_pow_(denom, k)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(p, m, denom, [-lr / (1.0 - beta1**ti) for ti in t])
+        if weight_decay != 0.0:
+            torch._foreach_mul_(p, 1.0 - lr * weight_decay)
+        update_moments(g, d, m, v, beta1, beta2)
+        rs = [roots[i] for i in indices] if roots is not None else None
+        denom, scale = bias_corrected_denominators(v, [steps[i] for i in indices], lr, beta1, beta2, eps, k / 2, rs)
+        torch._foreach_addcdiv_(p, m, denom, negated(scale))

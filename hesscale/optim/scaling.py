@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +19,8 @@ from ._common import (
     group_key,
     read_hess_diag,
 )
-from ._flat import Chunk, flatten_into, make_chunks, partial_sums
+from ._flat import Chunk, FlatLayout, cached_chunks, flatten_into, gather_gh
+from ._fused import fused_rule, fused_step
 
 __all__ = ["StepSizeScaling"]
 
@@ -50,11 +51,19 @@ class StepSizeScaling(torch.optim.Optimizer):
     index) to its last α; ``skipped_steps`` counts groups skipped because a gradient or curvature
     was non-finite (the wrapped optimizer's state is then left untouched).
 
+    Two routes give the same step up to rounding; ``last_route`` names the one the last step took.
+    *fused* (Adam, AdamW, RMSprop, SGD, AdaHesScale, AdaHessian, one device and dtype per group,
+    no ``differentiable``/``capturable``/``fused`` torch option): the update ``u`` is computed from
+    the optimizer's own state by the rule in ``_updates`` and applied once as ``θ ← θ − α·u``.
+    *snapshot* (any other optimizer, or ``fused=False``): θ is copied, the wrapped optimizer steps,
+    and ``u = θ_before − θ_after`` is rescaled.
+
     Args:
         optimizer: the optimizer to wrap.
         delta: the allowed model decrease δ (> 0).
         max_scale: the largest α (> 0); 1 means the scaling only ever shrinks a step.
         beta: the EMA factor of ĥ², in [0, 1).
+        fused: take the fused route where the update is known (False: always the snapshot route).
     """
 
     def __init__(
@@ -63,6 +72,7 @@ class StepSizeScaling(torch.optim.Optimizer):
         delta: float = 1e-8,
         max_scale: float = 1.0,
         beta: float = 0.999,
+        fused: bool = True,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"StepSizeScaling wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -71,48 +81,34 @@ class StepSizeScaling(torch.optim.Optimizer):
         check_positive("delta", delta)
         check_positive("max_scale", max_scale)
         check_in_unit_interval("beta", beta)
-        # Deliberately not calling Optimizer.__init__: param_groups must stay the wrapped ones.
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
+        # torch's own initialisation (hooks, state, step patching) on copies of the wrapped groups;
+        # then the wrapped optimizer's list of groups and defaults are shared, not copied.
+        super().__init__([dict(g) for g in optimizer.param_groups], optimizer.defaults)
+        self.param_groups = optimizer.param_groups
         self.optimizer = optimizer
         if isinstance(optimizer, CurvatureOptimizer):
             optimizer.keep_curvature_scale = True  # lets us reuse its sqrt(v) when it is our c
         self.delta = float(delta)
         self.max_scale = float(max_scale)
         self.beta = float(beta)
-        self.state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
         self.last_scales: dict[str | int, float] = {}
         self.skipped_steps = 0
+        self.fused = bool(fused)
+        self.last_route = ""
         self._chunks: dict[int, tuple[tuple[int, ...], list[Chunk]]] = {}  # flat work buffers per group
+        self._layouts: dict[int, FlatLayout] = {}  # the fused route's flat state of small groups
 
     # -- sharing the wrapped optimizer's groups -----------------------------------------------
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add the group to the wrapped optimizer (whose list of groups this one shares)."""
+        if "optimizer" not in self.__dict__:  # inside Optimizer.__init__: torch's own bookkeeping
+            super().add_param_group(param_group)
+            return
         self.optimizer.add_param_group(param_group)
 
     def __repr__(self) -> str:
         return (
-            f"StepSizeScaling(delta={self.delta}, max_scale={self.max_scale}, beta={self.beta},\n"
+            f"StepSizeScaling(delta={self.delta}, max_scale={self.max_scale}, beta={self.beta}, fused={self.fused},\n"
             f"  {self.optimizer!r})"
         )
 
@@ -120,8 +116,10 @@ class StepSizeScaling(torch.optim.Optimizer):
         return dict(self.__dict__)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._patch_step_function()
+        super().__setstate__(state)
+        self.__dict__.setdefault("fused", True)
+        self.__dict__.setdefault("last_route", "")
+        self.__dict__.setdefault("_layouts", {})
 
     # -- the torch optimizer interface ----------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -131,11 +129,25 @@ class StepSizeScaling(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """The wrapped optimizer's step, then each group's step rescaled by its α."""
+        """The wrapped optimizer's update of each group, rescaled by its α (fused or snapshot route)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        plans: list[tuple[list[int], list[Tensor]] | None] = []
+        for group in self.param_groups:
+            indices = [pi for pi, p in enumerate(group["params"]) if p.grad is not None]
+            plans.append((indices, [group["params"][pi] for pi in indices]) if indices else None)
+        rule = fused_rule(self, plans) if self.fused else None
+        self.last_route = "fused" if rule is not None else "snapshot"
+        if rule is not None:
+            fused_step(self, rule, plans)
+        else:
+            self._snapshot_step(plans)
+        return loss
+
+    def _snapshot_step(self, plans: list[tuple[list[int], list[Tensor]] | None]) -> None:
+        """The route for any optimizer: snapshot θ, let it step, recover ``u = θ_before − θ_after``."""
         inner = self.optimizer
         checks_itself = isinstance(inner, CurvatureOptimizer)
         groups = self.param_groups
@@ -143,33 +155,37 @@ class StepSizeScaling(torch.optim.Optimizer):
         # 1. Per group: the stepping params and θ_before. For a plain torch optimizer, also read
         #    the curvature, check finiteness and update the EMA now; a non-finite group gets its
         #    grads hidden so that the wrapped optimizer skips it and leaves its state untouched.
-        plans: list[tuple[list[int], list[Tensor], list[Chunk]] | None] = []
+        chunked: list[tuple[list[int], list[Tensor], list[Chunk]] | None] = []
         skipped: set[int] = set()
         hidden: list[tuple[Tensor, Tensor]] = []
-        for gi, group in enumerate(groups):
-            indices = [pi for pi, p in enumerate(group["params"]) if p.grad is not None]
-            if not indices:
-                plans.append(None)
+        for gi, (group, plan) in enumerate(zip(groups, plans)):
+            if plan is None:
+                chunked.append(None)
                 continue
-            params = [group["params"][pi] for pi in indices]
+            indices, params = plan
             chunks = self._chunks_for(gi, params)
             if not checks_itself:
                 hess = [read_hess_diag(p, "StepSizeScaling", group, gi, pi) for pi, p in zip(indices, params)]
                 per_chunk = [[hess[i] for i in ch.positions] for ch in chunks]
-                sums = []
+                flat_h, sums = [], []
                 for ch, h in zip(chunks, per_chunk):
-                    sums += partial_sums(ch, "before", [p.grad for p in ch.params])
-                    sums += partial_sums(ch, "work", h)  # small chunks keep ĥ in ch.work
+                    if ch.small:
+                        gh, _, h_flat = gather_gh(ch, [p.grad for p in ch.params], h)
+                        sums.append(gh.sum())
+                        flat_h.append(h_flat)
+                    else:
+                        sums += [t.sum() for t in [p.grad for p in ch.params] + h]
+                        flat_h.append(None)
                 if not _finite(sums):
                     skipped.add(gi)
                     hidden.extend((p, p.grad) for p in params)
-                    plans.append(None)
+                    chunked.append(None)
                     continue
-                for ch, h in zip(chunks, per_chunk):
-                    self._update_ema(ch, h, in_work=True)
+                for ch, h, h_flat in zip(chunks, per_chunk, flat_h):
+                    self._update_ema(ch, h, h_flat)
             for ch in chunks:
-                flatten_into(ch, "before", ch.params)
-            plans.append((indices, params, chunks))
+                flatten_into(ch, "theta", ch.params)
+            chunked.append((indices, params, chunks))
 
         # 2. The wrapped optimizer's own step.
         for p, _ in hidden:
@@ -184,7 +200,7 @@ class StepSizeScaling(torch.optim.Optimizer):
         self.skipped_steps += len(skipped)
 
         # 3. Per group: u = θ_before − θ_after, c, T = Σ c·u², α, θ = θ_before − α·u.
-        for gi, (group, plan) in enumerate(zip(groups, plans)):
+        for gi, (group, plan) in enumerate(zip(groups, chunked)):
             if plan is None or gi in skipped:
                 continue
             indices, params, chunks = plan
@@ -194,26 +210,20 @@ class StepSizeScaling(torch.optim.Optimizer):
                 hess = [read_hess_diag(p, "StepSizeScaling", group, gi, pi) for pi, p in zip(indices, params)]
             dots = []
             for ch in chunks:
-                torch._foreach_sub_(ch.views_of("before"), ch.params)  # before := u = θ_before − θ_after
-                if roots is not None and not ch.small:  # c·u in the optimizer's own scratch
-                    c, u = [roots[i] for i in ch.positions], ch.views_of("before")
-                    torch._foreach_mul_(c, u)
-                    dots.extend(torch.dot(a.view(-1), b.view(-1)) for a, b in zip(c, u))
-                    continue
+                u = flatten_into(ch, "u", ch.params)  # θ_after, then u = θ_before − θ_after
+                torch.sub(ch.buffer("theta"), u, out=u)
                 if roots is not None:
-                    flatten_into(ch, "work", [roots[i] for i in ch.positions])
+                    c = flatten_into(ch, "c", [roots[i] for i in ch.positions])
                 else:
                     if hess is not None:
-                        self._update_ema(ch, [hess[i] for i in ch.positions], in_work=False)
-                    torch.sqrt(self._ema(ch), out=ch.work)
-                ch.work.mul_(ch.before)
-                dots.append(torch.dot(ch.work, ch.before))
+                        self._update_ema(ch, [hess[i] for i in ch.positions], None)
+                    c = torch.sqrt(self._ema(ch), out=ch.buffer("c"))
+                dots.append(torch.dot(c.mul_(u), u))  # c is scratch: c·u in place
             alpha = self._alpha(_sum_scalars(dots))
             if alpha != 1.0:
                 for ch in chunks:  # θ_after + (1−α)·u = θ_before − α·u
-                    torch._foreach_add_(ch.params, ch.views_of("before"), alpha=1.0 - alpha)
+                    torch._foreach_add_(ch.params, ch.views_of("u"), alpha=1.0 - alpha)
             self.last_scales[group_key(group, gi)] = alpha
-        return loss
 
     def _alpha(self, total: float) -> float:
         """``min(max_scale, sqrt(2δ/T))``; ``max_scale`` for T = 0, 0 (no step) for T = inf or NaN."""
@@ -224,30 +234,23 @@ class StepSizeScaling(torch.optim.Optimizer):
         return min(self.max_scale, math.sqrt(2.0 * self.delta / total))
 
     def _chunks_for(self, gi: int, params: list[Tensor]) -> list[Chunk]:
-        key = tuple(id(p) for p in params)
-        cached = self._chunks.get(gi)
-        if cached is None or cached[0] != key:
-            cached = self._chunks[gi] = (key, make_chunks(params))
-        return cached[1]
+        return cached_chunks(self._chunks, gi, params)
 
     def _ema(self, ch: Chunk) -> Tensor:
         """The flat EMA of a chunk; per-param views of it are this wrapper's state."""
-        if ch.ema is None:
-            ch.ema = torch.zeros_like(ch.work)
+        if "ema" not in ch.buffers:
             for p, view in zip(ch.params, ch.views_of("ema")):
                 old = self.state[p].get("curvature_ema")
                 if old is not None:
                     view.copy_(old)
                 self.state[p]["curvature_ema"] = view
-        return ch.ema
+        return ch.buffer("ema")
 
-    def _update_ema(self, ch: Chunk, hess: list[Tensor], in_work: bool) -> None:
-        """``e ← beta·e + (1−beta)·ĥ²`` (flat for small chunks, where ĥ may already be in ``ch.work``)."""
+    def _update_ema(self, ch: Chunk, hess: list[Tensor], flat: Tensor | None) -> None:
+        """``e ← beta·e + (1−beta)·ĥ²``: on the flat copy ``flat`` of ``hess`` if given, else per tensor."""
         ema = self._ema(ch)
-        if ch.small:
-            if not in_work:
-                flatten_into(ch, "work", hess)
-            ema.mul_(self.beta).addcmul_(ch.work, ch.work, value=1.0 - self.beta)
+        if flat is not None:
+            ema.mul_(self.beta).addcmul_(flat, flat, value=1.0 - self.beta)
         else:
             views = ch.views_of("ema")
             torch._foreach_mul_(views, self.beta)
@@ -270,6 +273,7 @@ class StepSizeScaling(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.param_groups = self.optimizer.param_groups  # torch rebuilt the wrapped list: share it again
         scaler = state_dict["scaler"]
         params = [p for g in self.param_groups for p in g["params"]]
         self.state = defaultdict(dict)
@@ -281,7 +285,7 @@ class StepSizeScaling(torch.optim.Optimizer):
         self.beta = float(scaler["beta"])
         self.skipped_steps = int(scaler["skipped_steps"])
         self.last_scales = dict(scaler["last_scales"])
-        self._chunks = {}  # rebuilt from the loaded state at the next step
+        self._chunks, self._layouts = {}, {}  # rebuilt from the loaded state at the next step
 
     def _param_indices(self) -> dict[int, int]:
         index: dict[int, int] = {}

@@ -3,7 +3,8 @@
 A rule is pure math on one recorded call ``y = module(x)``: given the (approximate) per-sample
 Hessian diagonal ``d_out = diag ∂²L/∂y²`` and, where needed, the gradient ``g_out = ∂L/∂y``, it
 returns the curvature of the module's own parameters and the diagonal ``d_in`` passed on to ``x``.
-No hooks, no state.
+A rule with ``fused = True`` also computes the gradient in the same pass
+(:meth:`Rule.fused_backward`); the engine asks autograd for the others. No hooks, no state.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ class Rule:
 
     #: Whether :meth:`input_diag` needs ``g_out = ∂L/∂y`` (the σ''·g term of non-linear maps).
     needs_grad_output: bool = False
+    #: Whether :meth:`fused_backward` is implemented (gradient and curvature in one pass).
+    fused: bool = False
 
     def param_diag(
         self, module: nn.Module, x: Tensor, y: Tensor, d_out: Tensor, per_sample: bool
@@ -36,4 +39,20 @@ class Rule:
         gauss_newton: bool,
     ) -> Tensor:
         """Diagonal ``d_in`` of the loss Hessian w.r.t. the module input (same shape as ``x``)."""
+        raise NotImplementedError
+
+    def fused_backward(
+        self,
+        module: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        g_out: Tensor,
+        d_out: Tensor,
+        gauss_newton: bool,
+        per_sample: bool,
+        need_input: bool,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor | None, Tensor | None]:
+        """``(grads, hess, g_in, d_in)``: the parameters' gradients ``∂L/∂θ`` and curvature (as
+        :meth:`param_diag`), and, when ``need_input``, ``g_in = ∂L/∂x`` and ``d_in`` (as
+        :meth:`input_diag`), else ``None``. Only for rules with ``fused = True``."""
         raise NotImplementedError

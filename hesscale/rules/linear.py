@@ -1,7 +1,8 @@
 """``nn.Linear``: ``y = x Wᵀ + b``.
 
 ``ĥ_W = Σ_n d_outᵀ (x∘x)``, ``ĥ_b = Σ_n d_out``, ``d_in = d_out (W∘W)`` (off-diagonals dropped).
-Extra leading dimensions of ``x`` (``[N, *, I]``) are summed like the batch.
+Extra leading dimensions of ``x`` (``[N, *, I]``) are summed like the batch. Fused with the
+gradient: ``∂L/∂W = gᵀx``, ``∂L/∂b = Σ_n g``, ``g_in = g W``.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from .base import Rule
 
 
 class LinearRule(Rule):
+    fused = True
+
     def param_diag(
         self, module: nn.Linear, x: Tensor, y: Tensor, d_out: Tensor, per_sample: bool
     ) -> dict[str, Tensor]:
@@ -32,3 +35,21 @@ class LinearRule(Rule):
 
     def input_diag(self, module, x, y, d_out, g_out, gauss_newton):
         return d_out.matmul(module.weight.square())
+
+    def fused_backward(self, module, x, y, g_out, d_out, gauss_newton, per_sample, need_input):
+        x2d = x.reshape(-1, x.shape[-1])
+        g = g_out.reshape(-1, g_out.shape[-1])
+        grads = {"weight": g.t().mm(x2d)}
+        if module.bias is not None:
+            grads["bias"] = g.sum(0)
+        if per_sample:
+            hess = self.param_diag(module, x, y, d_out, per_sample)
+        else:
+            d = d_out.reshape(-1, d_out.shape[-1])
+            hess = {"weight": d.t().mm(x2d.square())}
+            if module.bias is not None:
+                hess["bias"] = d.sum(0)
+        if not need_input:
+            return grads, hess, None, None
+        w = module.weight
+        return grads, hess, g_out.matmul(w), d_out.matmul(w.square())

@@ -5,7 +5,7 @@ from torch import nn
 
 from .base import Rule
 from .conv import ConvRule
-from .elementwise import ACTIVATIONS, DropoutRule, ElementwiseRule
+from .elementwise import ACTIVATIONS, PAIRS, DropoutRule, ElementwiseRule
 from .embedding import EmbeddingRule
 from .linear import LinearRule
 from .normalization import BatchNormRule, LayerNormRule
@@ -27,7 +27,7 @@ _RULES: dict[type[nn.Module], Rule] = {
     nn.Unflatten: ReshapeRule(),
     nn.Identity: ReshapeRule(),
     nn.Dropout: DropoutRule(),
-    **{t: ElementwiseRule(first, second) for t, (first, second) in ACTIVATIONS.items()},
+    **{t: ElementwiseRule(first, second, PAIRS.get(t)) for t, (first, second) in ACTIVATIONS.items()},
 }
 
 
@@ -70,6 +70,14 @@ class UnsupportedModuleError(TypeError):
         return type(self), (self.path, self.module_type, self.way_out)
 
 
+_version = [0]
+
+
+def registry_version() -> tuple[int, int, int]:
+    """Changes whenever a rule is registered or the table is edited (cached captures then rebuild)."""
+    return _version[0], id(_RULES), len(_RULES)
+
+
 def register_rule(module_type: type[nn.Module], rule: Rule) -> None:
     """Use ``rule`` for every module whose type is exactly ``module_type``.
 
@@ -82,6 +90,7 @@ def register_rule(module_type: type[nn.Module], rule: Rule) -> None:
     if not isinstance(rule, Rule):
         raise TypeError(f"rule must be a hesscale.rules.Rule, got {type(rule).__name__}")
     _RULES[module_type] = rule
+    _version[0] += 1
 
 
 def supported_types() -> list[str]:

@@ -1,0 +1,86 @@
+"""The fused reverse pass: gradient and curvature of the captured calls in one walk.
+
+Given, per recorded call ``i``, the outside part of ``g_i = ∂L/∂y_i`` and of ``D_i`` (from autograd
+through the loss graph, or the caller's closed forms), the calls are walked in reverse. A rule
+with ``fused = True`` turns ``(g_out, D_out)`` into its parameters' gradients and curvature and
+the ``(g_in, D_in)`` of its input (per Linear ``gᵀx``, ``Dᵀ(x∘x)``, ``g·W``, ``D·(W∘W)``); any
+other rule gets its gradients from one autograd vector-Jacobian product through that module only
+(its forward graph is kept) and its curvature from :meth:`Rule.param_diag` / :meth:`Rule.input_diag`.
+``(g_in, D_in)`` goes to the call that produced the input, directly or through a chain of known
+tensor operations (:mod:`hesscale.between`); contributions of several consumers add up.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+#: route names, as :attr:`hesscale.capture.routes` reports them per module path
+FUSED, AUTOGRAD, UNFUSED = "fused", "autograd", "unfused"
+
+
+def _vjp_backward(call, g_out, d_out, gauss_newton, per_sample, need_input):
+    """``(grads, hess, g_in, d_in)`` of a rule without a fused form: autograd for the gradient."""
+    module, rule = call.module, call.rule
+    named = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    wrt = [p for _, p in named]
+    take_input = need_input and call.x.requires_grad
+    if take_input:
+        wrt.append(call.x)
+    with torch.enable_grad():
+        found = torch.autograd.grad(call.y, wrt, g_out, retain_graph=True, allow_unused=True) if wrt else ()
+    grads = {n: g for (n, _), g in zip(named, found) if g is not None}
+    hess = rule.param_diag(module, call.x, call.y, d_out, per_sample)
+    if not need_input:
+        return grads, hess, None, None
+    g_in = found[-1] if take_input and found[-1] is not None else torch.zeros_like(call.x)
+    d_in = rule.input_diag(module, call.x, call.y, d_out, None if gauss_newton else g_out, gauss_newton)
+    return grads, hess, g_in, d_in
+
+
+def fused_sweep(
+    calls: Sequence, g_acc: list, d_acc: list, gauss_newton: bool, per_sample: bool, routes: dict
+) -> tuple[dict[nn.Parameter, Tensor], dict[nn.Parameter, Tensor]]:
+    """Walk ``calls`` backwards from the outside parts ``g_acc[i]``, ``d_acc[i]`` (``None``: none).
+
+    Returns ``({param: ∂L/∂θ}, {param: ĥ})`` (``ĥ`` per sample when ``per_sample``); records each
+    call's route in ``routes`` (path → ``"fused"`` / ``"autograd"``).
+    """
+    grads: dict[nn.Parameter, Tensor] = {}
+    hess: dict[nn.Parameter, Tensor] = {}
+
+    def add(index: int, g: Tensor, d: Tensor) -> None:
+        g_acc[index] = g if g_acc[index] is None else g_acc[index] + g
+        d_acc[index] = d if d_acc[index] is None else d_acc[index] + d
+
+    with torch.no_grad():
+        for i in reversed(range(len(calls))):
+            g_out, d_out = g_acc[i], d_acc[i]
+            if g_out is None and d_out is None:
+                continue
+            call = calls[i]
+            if g_out is None:
+                g_out = torch.zeros_like(call.y)
+            if d_out is None:
+                d_out = torch.zeros_like(call.y)
+            need_input = call.producer is not None or call.chain is not None
+            if call.rule.fused:
+                routes[call.path] = FUSED
+                out = call.rule.fused_backward(call.module, call.x, call.y, g_out, d_out, gauss_newton, per_sample, need_input)
+            else:
+                routes[call.path] = AUTOGRAD
+                out = _vjp_backward(call, g_out, d_out, gauss_newton, per_sample, need_input)
+            p_grads, p_hess, g_in, d_in = out
+            owned = call.module._parameters
+            for name, g in p_grads.items():
+                p = owned[name]
+                grads[p] = g if p not in grads else grads[p] + g
+            for name, h in p_hess.items():
+                p = owned[name]
+                hess[p] = h if p not in hess else hess[p] + h
+            if call.producer is not None:
+                add(call.producer, g_in, d_in)
+            elif call.chain is not None:
+                call.chain.scatter(g_in, d_in, add)
+    return grads, hess

@@ -1,0 +1,180 @@
+"""StepSizeScaling's fused route: the wrapped optimizer's update, its scale and the step in one pass.
+
+For an optimizer with a rule in :data:`~hesscale.optim._updates.RULES`, each param group (one
+device and dtype) takes, without a snapshot of θ::
+
+    1. g and ĥ (a small group: one flat copy of both, checked for NaN/inf by one sum)
+    2. the optimizer's state (a small group: flat tensors, the per-param state being views of them)
+    3. u from the rule (state updated as the optimizer's own step does), and
+       c = the optimizer's sqrt(v) when that is sqrt(EMA_beta(ĥ²)), else sqrt of the wrapper's EMA
+    4. T = Σ c·u², α = min(max_scale, sqrt(2δ/T)), θ ← θ − α·u (u = f·x as the rule returns it)
+
+A group whose gradient or curvature is non-finite is skipped before anything is touched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import CurvatureOptimizer
+from ._common import all_finite, group_key, read_hess_diag
+from ._flat import Chunk, FlatLayout, build_flat_layout, flatten_into, gather_gh, param_views
+from ._updates import RULES, Rule, Work
+from .adahessian import AdaHessian
+
+#: the StepSizeScaling whose step this is (typed loosely: scaling imports this module)
+Scaler = Any
+
+__all__ = ["fused_rule", "fused_step"]
+
+
+def fused_rule(scaler: Scaler, plans: list[tuple[list[int], list[Tensor]] | None]) -> Rule | None:
+    """The rule of the wrapped optimizer when every group with gradients can take the fused route."""
+    rule = RULES.get(type(scaler.optimizer))
+    if rule is None:
+        return None
+    for gi, (group, plan) in enumerate(zip(scaler.param_groups, plans)):
+        if plan is None:
+            continue
+        params = plan[1]
+        if rule.why_not(group) is not None or len(scaler._chunks_for(gi, params)) != 1:
+            return None
+        if any(p.grad.is_sparse or p.is_complex() for p in params):
+            return None
+    return rule
+
+
+def fused_step(scaler: Scaler, rule: Rule, plans: list[tuple[list[int], list[Tensor]] | None]) -> None:
+    """One step of every group by the fused route (see the module docstring)."""
+    inner = scaler.optimizer
+    groups = scaler.param_groups
+    curvature = isinstance(inner, CurvatureOptimizer)
+    if curvature:
+        inner._begin_step()
+    if isinstance(inner, AdaHessian):  # AdaHessian draws ĥ itself, over all groups at once
+        per_group = [inner._params_with_grad(gi, g) if plan else [] for gi, (g, plan) in enumerate(zip(groups, plans))]
+        if any(per_group):
+            inner._hutchinson([p for ps in per_group for p in ps])
+    hess = [
+        None if plan is None else [read_hess_diag(p, "StepSizeScaling", group, gi, pi) for pi, p in zip(*plan)]
+        for gi, (group, plan) in enumerate(zip(groups, plans))
+    ]  # every curvature read (and a missing one reported) before anything steps
+    for gi, (group, plan) in enumerate(zip(groups, plans)):
+        if plan is None:
+            continue
+        params = plan[1]
+        (chunk,) = scaler._chunks_for(gi, params)
+        grads = [p.grad.detach() for p in params]
+        g = h = None
+        if chunk.small:
+            gh, g, h = gather_gh(chunk, grads, hess[gi])
+            finite = bool(torch.isfinite(gh.sum()))
+        else:
+            finite = all_finite(grads + hess[gi])
+        if not finite:
+            scaler.skipped_steps += 1
+            if curvature:
+                inner._skip_group(gi)
+            continue
+        state, steps, adopt, layout = _state(scaler, rule, group, gi, chunk)
+        flat = layout is not None
+        gs, hs = ([g], [h]) if flat else (grads, hess[gi])
+        theta = None
+        if group["weight_decay"] != 0:
+            theta = [flatten_into(chunk, "theta", params)] if flat else params
+        scratch = [chunk.buffer("u")] if flat else chunk.views_of("u")
+        own_c = curvature and inner._sqrt_ema_is_scale(group, scaler.beta)
+        roots = ([chunk.buffer("c")] if flat else chunk.views_of("c")) if own_c else None
+        x, f = rule.direction(group, Work(theta, gs, hs, state, steps, scratch, roots))  # u = f·x
+        adopt()
+        if own_c:
+            c = chunk.buffer("c")
+        else:
+            scaler._update_ema(chunk, hess[gi], h)
+            c = torch.sqrt(scaler._ema(chunk), out=chunk.buffer("c"))
+        cs = [c] if flat else chunk.views_of("c")  # c is scratch: c·x in place
+        dots = [torch.dot(ci.mul_(xi).view(-1), xi.reshape(-1)) for ci, xi in zip(cs, x)]
+        total = dots[0] if len(dots) == 1 else torch.stack(dots).sum()
+        alpha = scaler._alpha(f * f * total.item())
+        torch._foreach_add_(params, _param_views(chunk, layout, x[0], g) if flat else x, alpha=-alpha * f)
+        scaler.last_scales[group_key(group, gi)] = alpha
+
+
+def _state(scaler: Scaler, rule: Rule, group: dict[str, Any], gi: int, chunk: Chunk):
+    """The optimizer's state of ``chunk.params`` as the rule's lists, the incremented step counts, a
+    function that stores tensors the rule created (lazy keys) back into the optimizer's state, and
+    the group's flat layout (None: the lists are per param)."""
+    inner = scaler.optimizer
+    params = chunk.params
+    keys, lazy = rule.keys(group), rule.lazy(group)
+    states = [inner.state[p] for p in params]
+    for p, st in zip(params, states):
+        if not st:  # a first step: the state torch's (or our) optimizer would create
+            if rule.step == "tensor":
+                st["step"] = torch.tensor(0.0, dtype=_step_dtype())
+            elif rule.step == "int":
+                st["step"] = 0
+            for key in keys:
+                st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    layout = scaler._layouts.get(gi) if chunk.small else None
+    if chunk.small and (layout is None or not layout.intact(params, states, rule.step)):
+        layout = build_flat_layout(params, states, keys, lazy, rule.step)
+        if layout is not None:
+            scaler._layouts[gi] = layout
+    if layout is None:  # large (or irregular) group: the per-param state tensors themselves
+        state = {key: [st.get(key) for st in states] for key in keys + lazy}
+        steps = _increment(rule, states)
+
+        def adopt() -> None:
+            for key in lazy:
+                for st, t in zip(states, state[key]):
+                    st[key] = t
+
+        return state, steps, adopt, None
+
+    state = {key: [layout.flat[key]] for key in keys + lazy}
+    if layout.steps is not None:
+        layout.steps.add_(1)
+        steps = [layout.steps[0].item()]
+    else:
+        steps = _increment(rule, states)[:1]
+
+    def adopt_flat() -> None:
+        for key in lazy:
+            if layout.flat[key] is None:  # created by this first step: the state now views it
+                layout.adopt(key, state[key][0], params, states)
+
+    return state, steps, adopt_flat, layout
+
+
+def _param_views(chunk: Chunk, layout: FlatLayout, x: Tensor, g: Tensor) -> list[Tensor]:
+    """Per-param views of the flat update ``x``: the ones kept for it when it is a known buffer."""
+    if x is chunk.buffer("u"):
+        return chunk.views_of("u")
+    if x is g:
+        return chunk.views_of("g")
+    for key, t in layout.flat.items():
+        if x is t:
+            return layout.views[key]
+    return param_views(chunk.params, x)
+
+
+def _increment(rule: Rule, states: list[dict[str, Any]]) -> list[float]:
+    """Add one to each param's step count; the new counts (1 per param for an optimizer without one)."""
+    if rule.step == "tensor":
+        steps = [st["step"] for st in states]
+        torch._foreach_add_(steps, 1)
+        return [s.item() for s in steps]
+    if rule.step == "int":
+        for st in states:
+            st["step"] += 1
+        return [st["step"] for st in states]
+    return [1.0] * len(states)
+
+
+def _step_dtype() -> torch.dtype:
+    """The dtype of torch's ``state["step"]`` tensors (float64 under a float64 default dtype)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32

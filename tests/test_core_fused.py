@@ -1,0 +1,184 @@
+"""The fused route (gradient and curvature in one reverse pass) against the unfused one.
+
+``capture(..., fused=False)`` is autograd's whole backward followed by the separate sweep; both
+must leave the same ``.grad``, ``.hess_diag`` and per-sample diagonals (float64, 1e-10) on every
+module chain with a rule, at fan-out, for repeated calls, leaf parameters and every loss kind.
+``capture.routes`` says which route each module took.
+"""
+import pytest
+import torch
+from torch import nn
+
+import hesscale
+from test_core_exactness import LOSSES, _case
+from test_core_modules import CONV_CHAINS, RESHAPE_AND_POOL_CHAINS
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+ACTS = [nn.Tanh, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.Softplus, nn.SiLU, nn.GELU, nn.Hardtanh]
+
+
+def _run(model, loss_of, fused, method="hesscale", per_sample=False, leaf_params=(), given=None):
+    """``{name: (grad, hess_diag, hess_diag_per_sample)}`` and the capture, for one route."""
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.hess_diag = p.hess_diag_per_sample = None
+    with hesscale.capture(model, leaf_params=leaf_params, method=method, per_sample=per_sample, fused=fused) as cap:
+        loss, closed = loss_of(model)
+    cap.backward(loss, output_hessians=closed)
+    return {n: (p.grad, p.hess_diag, p.hess_diag_per_sample) for n, p in model.named_parameters()}, cap
+
+
+def _assert_routes_agree(model, loss_of, **kw):
+    fused, cap = _run(model, loss_of, True, **kw)
+    unfused, _ = _run(model, loss_of, False, **kw)
+    assert fused.keys() == unfused.keys()
+    for name in fused:
+        for a, b in zip(fused[name], unfused[name]):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                torch.testing.assert_close(a, b, **TOL, msg=name)
+    return cap
+
+
+def _mlp(act, sizes=(4, 6, 5, 3)):
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers += [nn.Linear(a, b)] + ([act()] if i < len(sizes) - 2 else [])
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("method", ["hesscale", "hesscale_gn"])
+@pytest.mark.parametrize("act", ACTS)
+def test_activation_chains_agree_and_are_fused(float64, act, method):
+    torch.manual_seed(1)
+    model, x, y = _mlp(act), torch.randn(7, 4), torch.randn(7, 3)
+    cap = _assert_routes_agree(model, lambda m: (nn.functional.mse_loss(m(x), y), None), method=method, per_sample=True)
+    assert set(cap.routes.values()) == {"fused"} and len(cap.routes) == len(model)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_losses_and_leaf_parameters_agree(float64, loss):
+    """MSE, cross-entropy (autograd output Hessians), a Gaussian NLL reading a bare ``log_std``
+    parameter, PPO's clipped surrogate."""
+    model, loss_fn, x, y = _case(loss)
+    _assert_routes_agree(model, lambda m: (loss_fn(m(x), y), None))
+
+
+def test_closed_form_output_hessians_agree(float64):
+    torch.manual_seed(2)
+    model, x, y = _mlp(nn.Tanh), torch.randn(5, 4), torch.randn(5, 3)
+
+    def loss_of(m):
+        out = m(x)
+        return nn.functional.mse_loss(out, y), {out: torch.full_like(out, 2 / out.numel())}
+
+    _assert_routes_agree(model, loss_of)
+
+
+@pytest.mark.parametrize("name", [*CONV_CHAINS, *RESHAPE_AND_POOL_CHAINS])
+def test_conv_pool_reshape_chains_agree(float64, name):
+    torch.manual_seed(8)
+    if name in CONV_CHAINS:
+        model = CONV_CHAINS[name]()
+        x = torch.randn(3, 2, 6) if name == "conv1d" else torch.randn(3, 2, 6, 6)
+    else:
+        build, shape = RESHAPE_AND_POOL_CHAINS[name]
+        model, x = build(), torch.randn(*shape)
+    y = torch.randint(0, 3, (x.shape[0],))
+    cap = _assert_routes_agree(model, lambda m: (nn.functional.cross_entropy(m(x), y), None), per_sample=True)
+    assert cap.routes[str(len(model) - 1)] == "fused"  # the last Linear
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_normalisation_dropout_embedding_agree(float64, train):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.BatchNorm1d(6), nn.Dropout(0.3),
+                          nn.Linear(6, 3)).train(train)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    state = torch.get_rng_state()
+
+    def loss_of(m):
+        torch.set_rng_state(state)  # the same dropout mask on both routes
+        return nn.functional.mse_loss(m(x), y), None
+
+    cap = _assert_routes_agree(model, loss_of)
+    assert cap.routes["1"] == "autograd" and cap.routes["5"] == "fused"
+    emb = nn.Sequential(nn.Embedding(7, 3), nn.Flatten(), nn.Linear(6, 2))
+    idx = torch.tensor([[0, 3], [5, 3], [6, 1]])
+    _assert_routes_agree(emb, lambda m: (m(idx).square().sum(), None))
+
+
+class FanOut(nn.Module):
+    """A trunk read by two captured heads and by the loss directly; one head called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(4, 5), nn.Tanh())
+        self.a, self.b = nn.Linear(5, 2), nn.Sequential(nn.Linear(5, 3), nn.Sigmoid())
+
+    def forward(self, x):
+        h = self.trunk(x)
+        return self.a(h), self.b(h), self.a(self.trunk(x + 1)), h
+
+
+def test_fan_out_repeated_calls_and_outside_reads_agree(float64):
+    torch.manual_seed(4)
+    model, x = FanOut(), torch.randn(6, 4)
+
+    def loss_of(m):
+        a, b, a2, h = m(x)
+        return (a.sin().sum() + (b * b.cos()).sum() + a2.square().mean() + h.exp().mean()), None
+
+    cap = _assert_routes_agree(model, loss_of, per_sample=True)
+    assert set(cap.routes.values()) == {"fused"}
+
+
+@pytest.mark.parametrize("external", [True, "list"])
+def test_external_parameters_get_the_gradient_loss_backward_gives(float64, external):
+    torch.manual_seed(5)
+    actor, critic = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), nn.Linear(2, 1)
+    x = torch.randn(5, 3)
+    results = []
+    for fused in (True, False):
+        actor.zero_grad(set_to_none=True)
+        critic.zero_grad(set_to_none=True)
+        with hesscale.capture(actor, fused=fused) as cap:
+            loss = critic(torch.tanh(actor(x))).square().mean()
+        cap.backward(loss, external_grads=True if external is True else list(critic.parameters()))
+        results.append([p.grad.clone() for p in [*actor.parameters(), *critic.parameters()]]
+                       + [p.hess_diag for p in actor.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **TOL)
+    plain = [p.grad.clone() for p in [*actor.parameters(), *critic.parameters()]]
+    actor.zero_grad(set_to_none=True)
+    critic.zero_grad(set_to_none=True)
+    critic(torch.tanh(actor(x))).square().mean().backward()
+    for a, p in zip(plain, [*actor.parameters(), *critic.parameters()]):
+        torch.testing.assert_close(a, p.grad, **TOL)
+
+
+def test_grad_accumulates_like_loss_backward(float64):
+    torch.manual_seed(6)
+    model, x, y = _mlp(nn.ReLU), torch.randn(5, 4), torch.randn(5, 3)
+    model(x).sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    with hesscale.capture(model) as cap:
+        loss = nn.functional.mse_loss(model(x), y)
+    cap.backward(loss)
+    model2 = _mlp(nn.ReLU)
+    model2.load_state_dict(model.state_dict())
+    nn.functional.mse_loss(model2(x), y).backward()
+    for b, p, q in zip(before, model.parameters(), model2.parameters()):
+        torch.testing.assert_close(p.grad, b + q.grad, **TOL)
+
+
+def test_forward_wrappers_are_set_only_inside_the_block():
+    model = _mlp(nn.Tanh)
+    cap = hesscale.capture(model)
+    assert all("forward" not in m.__dict__ for m in model)
+    with cap:
+        assert all("forward" in m.__dict__ for m in model)
+        with torch.no_grad():
+            out = model(torch.randn(2, 4))  # no recording under no_grad
+        assert not cap._calls and not out.requires_grad
+    assert all("forward" not in m.__dict__ for m in model)

@@ -1,0 +1,192 @@
+"""StepSizeScaling's fused route against its snapshot route (float64, 1e-10), for every optimizer it knows."""
+
+import io
+
+import pytest
+import torch
+
+from hesscale.optim import AdaHesScale, AdaHessian, StepSizeScaling
+
+from optim_helpers import both_paths  # noqa: F401
+from optim_helpers import make_params
+
+SHAPES = [(3, 4), (4,), (2, 3), (3,), (5,)]
+
+CASES = {
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.1),
+    "adam wd": lambda ps: torch.optim.Adam(ps, lr=0.1, weight_decay=0.1),
+    "adam amsgrad maximize": lambda ps: torch.optim.Adam(ps, lr=0.1, amsgrad=True, maximize=True),
+    "adamw wd": lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=0.01),
+    "rmsprop wd momentum": lambda ps: torch.optim.RMSprop(ps, lr=0.01, weight_decay=0.1, momentum=0.9),
+    "rmsprop centered momentum": lambda ps: torch.optim.RMSprop(ps, lr=0.01, centered=True, momentum=0.5),
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
+    "sgd wd momentum dampening": lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=0.1, momentum=0.9, dampening=0.2),
+    "sgd nesterov": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+    "adahesscale": lambda ps: AdaHesScale(ps, lr=0.1),
+    "adahesscale wd sqrt": lambda ps: AdaHesScale(ps, lr=0.1, weight_decay=0.1, variant="sqrt"),
+    "adahesscale newton": lambda ps: AdaHesScale(ps, lr=0.1, variant="newton"),
+}
+BETAS = {"own beta": 0.999, "other beta": 0.9}  # 0.999 = the curvature optimizers' β2: their sqrt(v) is c
+
+
+def grouped(params):
+    return [{"params": params[:2], "name": "pi"}, {"params": params[2:], "name": "vf", "lr": 0.05}]
+
+
+def pair(make, beta, seed=0):
+    """The same optimizer twice over equal parameters: fused and snapshot route."""
+    a, b = make_params(SHAPES, seed), make_params(SHAPES, seed)
+    fused = StepSizeScaling(make(grouped(a)), delta=1e-3, beta=beta)
+    snapshot = StepSizeScaling(make(grouped(b)), delta=1e-3, beta=beta, fused=False)
+    return (a, fused), (b, snapshot)
+
+
+def set_grads(params_sets, gen, drop=None):
+    """The same random g and ĥ on every set of params (``drop``: the index of a param left without grad)."""
+    for i, shape in enumerate(SHAPES):
+        g, h = torch.randn(shape, generator=gen, dtype=torch.float64), torch.randn(shape, generator=gen, dtype=torch.float64)
+        for ps in params_sets:
+            ps[i].grad, ps[i].hess_diag = (None, None) if i == drop else (g.clone(), h.clone())
+
+
+def assert_same(a, opt_a, b, opt_b):
+    assert opt_a.last_scales.keys() == opt_b.last_scales.keys()
+    for k in opt_a.last_scales:
+        assert opt_a.last_scales[k] == pytest.approx(opt_b.last_scales[k], rel=1e-10, abs=1e-12)
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-10)
+        sa, sb = opt_a.optimizer.state[p], opt_b.optimizer.state[q]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            torch.testing.assert_close(torch.as_tensor(sa[key]), torch.as_tensor(sb[key]), rtol=0, atol=1e-10)
+        assert opt_a.state[p].keys() == opt_b.state[q].keys()
+        for key in opt_a.state[p]:
+            torch.testing.assert_close(opt_a.state[p][key], opt_b.state[q][key], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("beta", BETAS.values(), ids=BETAS.keys())
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.usefixtures("both_paths")
+def test_fused_route_equals_the_snapshot_route(case, beta):
+    (a, fused), (b, snapshot) = pair(CASES[case], beta)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(6):
+        set_grads([a, b], gen, drop=3 if step == 2 else None)  # a step without one param's gradient
+        fused.step()
+        snapshot.step()
+        assert (fused.last_route, snapshot.last_route) == ("fused", "snapshot")
+        assert_same(a, fused, b, snapshot)
+    assert min(fused.last_scales.values()) < 1.0  # the scaling acted
+
+
+@pytest.mark.parametrize("beta", BETAS.values(), ids=BETAS.keys())
+@pytest.mark.parametrize("kwargs", [{}, {"weight_decay": 0.1, "hessian_power": 0.5}], ids=["default", "wd power"])
+@pytest.mark.usefixtures("both_paths")
+def test_fused_route_equals_the_snapshot_route_for_adahessian(kwargs, beta):
+    """AdaHessian draws ĥ itself (same generator seed on both sides) from gradients with a graph."""
+    coef = torch.randn(sum(torch.Size(s).numel() for s in SHAPES), generator=torch.Generator().manual_seed(3),
+                       dtype=torch.float64)
+
+    def make(seed):
+        return lambda ps: AdaHessian(ps, lr=0.1, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+    (a, fused), (b, snapshot) = pair(make(5), beta)
+    for _ in range(4):
+        for ps in (a, b):
+            flat = torch.cat([p.reshape(-1) for p in ps])
+            loss = 0.5 * (coef * flat**2).sum() + (flat**3).sum() / 3
+            for p, g in zip(ps, torch.autograd.grad(loss, ps, create_graph=True)):
+                p.grad = g
+        fused.step()
+        snapshot.step()
+        assert (fused.last_route, snapshot.last_route) == ("fused", "snapshot")
+        assert_same(a, fused, b, snapshot)
+
+
+@pytest.mark.parametrize("case", ["adam wd", "rmsprop wd momentum", "sgd wd momentum dampening", "adahesscale"])
+@pytest.mark.usefixtures("both_paths")
+def test_a_fused_checkpoint_continues_on_either_route(case):
+    """Saved after fused steps, loaded into a fresh fused and a fresh snapshot wrapper: all three
+    continue alike; the wrapped optimizer's own state_dict loads into the plain optimizer too."""
+    (a, fused), _ = pair(CASES[case], 0.9)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        set_grads([a], gen)
+        fused.step()
+    buf = io.BytesIO()
+    torch.save(fused.state_dict(), buf)
+    copies = []
+    for route in (True, False):
+        ps = [torch.nn.Parameter(p.detach().clone()) for p in a]
+        opt = StepSizeScaling(CASES[case](grouped(ps)), fused=route)
+        buf.seek(0)
+        opt.load_state_dict(torch.load(buf, weights_only=True))
+        copies.append((ps, opt))
+    plain = CASES[case](grouped([torch.nn.Parameter(p.detach().clone()) for p in a]))
+    plain.load_state_dict(fused.optimizer.state_dict())  # what the wrapped optimizer holds is its own format
+    for _ in range(3):
+        set_grads([a] + [ps for ps, _ in copies], gen)
+        for opt in [fused] + [opt for _, opt in copies]:
+            opt.step()
+        for ps, opt in copies:
+            assert_same(a, fused, ps, opt)
+
+
+def test_the_wrapped_state_is_the_format_of_the_optimizers_own_step():
+    """After fused steps, the wrapped optimizer's state has its own keys and step type, and stepping it
+    directly (without the wrapper) is its plain step."""
+    for case in ("adam wd", "rmsprop wd momentum", "sgd wd momentum dampening", "adahesscale"):
+        (a, fused), (b, _) = pair(CASES[case], 0.9)
+        plain = CASES[case](grouped(b))
+        gen = torch.Generator().manual_seed(4)
+        for _ in range(2):
+            set_grads([a, b], gen)
+            fused.step()
+            plain.step()
+        for p, q in zip(a, b):
+            sa, sb = fused.optimizer.state[p], plain.state[q]
+            assert sa.keys() == sb.keys()
+            for key in sa:
+                assert type(sa[key]) is type(sb[key])
+                if torch.is_tensor(sa[key]):
+                    assert (sa[key].dtype, sa[key].shape) == (sb[key].dtype, sb[key].shape)
+        with torch.no_grad():
+            for p, q in zip(a, b):
+                q.copy_(p)
+        buf = io.BytesIO()
+        torch.save(fused.optimizer.state_dict(), buf)
+        buf.seek(0)
+        plain.load_state_dict(torch.load(buf, weights_only=True))
+        set_grads([a, b], gen)
+        fused.optimizer.step()  # the wrapped optimizer alone, on state the fused route laid out
+        plain.step()
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-10)
+
+
+def test_optimizers_without_a_rule_take_the_snapshot_route():
+    params = make_params(SHAPES)
+
+    class MyAdam(torch.optim.Adam):  # a subclass may step differently: no rule
+        pass
+
+    for inner, route in [(torch.optim.Adagrad(params), "snapshot"), (MyAdam(params), "snapshot"),
+                         (torch.optim.Adam(params, foreach=True), "fused")]:
+        opt = StepSizeScaling(inner)
+        set_grads([params], torch.Generator().manual_seed(0))
+        opt.step()
+        assert opt.last_route == route
+
+
+@pytest.mark.parametrize("case", ["adam wd", "sgd wd momentum dampening", "adahesscale"])
+@pytest.mark.usefixtures("both_paths")
+def test_the_wrapped_optimizer_and_the_wrapper_may_take_turns(case):
+    """Each keeps its flat state valid when the other one stepped in between (its views replaced)."""
+    (a, fused), (b, snapshot) = pair(CASES[case], 0.9)
+    gen = torch.Generator().manual_seed(6)
+    for who in ("inner", "wrapper", "inner", "wrapper", "inner"):
+        set_grads([a, b], gen)
+        for opt in (fused, snapshot):
+            (opt.optimizer if who == "inner" else opt).step()
+        assert_same(a, fused, b, snapshot)
