@@ -48,6 +48,9 @@ install_missing() {
       "${PACKAGES[@]}"; } > "$DIR/log/apt.log" 2>&1 || ok=0
   [ "$ours" -eq 1 ] && rm -f "$policy"
   [ "$ok" -eq 1 ] || cannot "apt-get install ${PACKAGES[*]} failed: $(tail -n 1 "$DIR/log/apt.log")"
+  for c in "${missing[@]}"; do
+    command -v "$c" >/dev/null || cannot "$c still missing after apt-get install ${PACKAGES[*]}"
+  done
 }
 
 free_port() {  # a port nothing listens on, not yet handed out ($USED)
