@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_reliability_resume import PAUSE_TRAIN, TRAIN, _assert_same_run, _cfg, _overrides
+from test_reliability_resume import PAUSE_TRAIN, TRAIN, _assert_same_run, _overrides
 
 from agents.experiment.cluster import ClusterUnavailable, check_slurm
 
