@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import CurvatureOptimizer
+from ._base import CurvatureOptimizer, evaluate_closure
 from ._common import (
     check_in_unit_interval,
     check_positive,
@@ -130,10 +130,7 @@ class StepSizeScaling(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """The wrapped optimizer's update of each group, rescaled by its α (fused or snapshot route)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         plans: list[tuple[list[int], list[Tensor]] | None] = []
         for group in self.param_groups:
             indices = [pi for pi, p in enumerate(group["params"]) if p.grad is not None]
