@@ -45,8 +45,8 @@ OWN_ARGS = shlex.split(os.environ.get("SLURM_TEST_ARGS", ""))
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory) -> dict:
-    """The environment (``SLURM_CONF``) of a one-node cluster that runs while the module does (its
-    tests share one xdist worker: ``xdist_group("slurm")``, ``--dist loadgroup``); with
+    """The environment (``SLURM_CONF``) of a one-node cluster that runs while the module does (each
+    xdist worker that runs these tests starts its own: free ports, its own folder); with
     ``SLURM_TEST_CLUSTER=existing``, the Slurm this environment already reaches."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
            "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
@@ -128,7 +128,6 @@ def uninterrupted(grid: tuple[Path, str]) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("slurm")
 def test_a_2x2_sweep_finishes_and_reports(slurm: dict, grid: tuple[Path, str], tmp_path: Path):
     sweep, _ = grid
     results = _results(sweep)
@@ -160,7 +159,6 @@ def _assert_requeued_and_resumed(env: dict, sweep: Path, ref: Path, case: str) -
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("slurm")
 def test_time_limit_requeues_and_resumes_exactly(slurm: dict, tmp_path: Path, uninterrupted: Path):
     # A one-minute limit. Slurm looks at time limits every 30 s: it sends USR2 at the first look
     # less than signal_delay_s + 30 s before the limit (here: 25 to 55 s into the job, usually at
@@ -172,7 +170,6 @@ def test_time_limit_requeues_and_resumes_exactly(slurm: dict, tmp_path: Path, un
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("slurm")
 def test_preemption_by_hand_requeues_and_resumes_exactly(slurm: dict, tmp_path: Path, uninterrupted: Path):
     # a long limit (submitit: "preempted", not "timed-out", for a job that ran < 80 % of it)
     p = _sweep(slurm, tmp_path, "preempt", *RUN, "hydra.launcher.timeout_min=30", pause="step:500")
@@ -189,7 +186,6 @@ def test_preemption_by_hand_requeues_and_resumes_exactly(slurm: dict, tmp_path: 
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("slurm")
 def test_a_failing_job_is_recorded_and_the_other_finishes(slurm: dict, tmp_path: Path):
     p = _sweep(slurm, tmp_path, "bad", *_overrides("ppo"), "total_timesteps=400", "opt.lr=3e-4,0")
     _finish(p)
@@ -202,7 +198,6 @@ def test_a_failing_job_is_recorded_and_the_other_finishes(slurm: dict, tmp_path:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("slurm")
 def test_a_controller_that_does_not_answer_fails_in_one_line(slurm: dict, tmp_path: Path):
     """The real ``scontrol``, pointed at a port where no controller listens."""
     if not Path(slurm.get("SLURM_CONF", "")).is_file():
