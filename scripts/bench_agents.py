@@ -87,7 +87,7 @@ class ExtraProducts:
         def counting(cap, *args, **kwargs):
             for call in cap._calls:
                 if isinstance(call.module, (nn.Linear, nn.Conv2d)):
-                    has_input = call.producer is not None or call.chain is not None
+                    has_input = call.producer is not None or getattr(call, "chain", None) is not None
                     counts[(call.module, tuple(call.x.shape), tuple(call.y.shape), has_input)] += 1
             return backward(cap, *args, **kwargs)
 
