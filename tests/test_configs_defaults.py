@@ -112,3 +112,17 @@ def test_per_agent_defaults_precedence(tmp_path):
     for other in (["agent=a2c"], ["opt=adahesscale_scaled"]):  # other pairs: the opt file as it is
         o = validate(_compose_in(configs, ["opt=hesscale", "tuned=none", *other]))["opt"]
         assert o["scaling"]["delta"] == 1e-8
+
+
+#: what ``opt=hesscale`` runs per agent (issue 11's evidence, docs/results/defaults/README.md):
+#: (δ, AdaHesScale eps, lr) — a change of these defaults must come with that evidence
+HESSCALE_DEFAULTS = {"ppo": (1e-8, 1e-5, 3e-4), "a2c": (1e-8, 1e-5, 7e-4), "sac": (1e-8, 1e-5, 3e-4)}
+
+
+@pytest.mark.parametrize("agent", sorted(HESSCALE_DEFAULTS))
+def test_hesscale_defaults_per_agent_are_pinned(agent):
+    o = validate(_compose([f"agent={agent}", "opt=hesscale", "tuned=none"]))["opt"]
+    assert (o["scaling"]["delta"], o["kwargs"]["eps"], o["lr"]) == HESSCALE_DEFAULTS[agent]
+    assert (o["optimizer"], o["curvature"], o["scaling"]["enabled"]) == ("adahesscale", "hesscale", True)
+    shipped = {p.stem for p in (CONFIGS / "opt_agent").glob("*.yaml")} - {"none"}
+    assert shipped <= {f"hesscale_{a}" for a in HESSCALE_DEFAULTS}  # per-agent files: only these, pinned here

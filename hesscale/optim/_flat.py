@@ -16,8 +16,8 @@ from torch import Tensor
 
 from . import _common
 
-__all__ = ["BUFFERS", "Chunk", "FlatLayout", "build_flat_layout", "flatten_into", "gather_gh", "make_chunks",
-           "param_views"]
+__all__ = ["BUFFERS", "Chunk", "FlatLayout", "build_flat_layout", "cached_chunks", "flatten_into", "gather_gh",
+           "make_chunks", "param_views"]
 
 
 @dataclass
@@ -114,19 +114,30 @@ class Chunk:
         return buf
 
     def views_of(self, name: str) -> list[Tensor]:
-        """Per-parameter views (shaped like the params) into the flat buffer ``name``."""
+        """Per-parameter views (shaped like the params) into the flat buffer ``name`` ("g", "h": the
+        halves of ``gh``); made once."""
         if name not in self.views:
-            self.views[name] = param_views(self.params, self.buffer(name))
+            if name in ("g", "h"):
+                n = self.numel
+                flat = self.buffer("gh")[:n] if name == "g" else self.buffer("gh")[n:]
+            else:
+                flat = self.buffer(name)
+            self.views[name] = param_views(self.params, flat)
         return self.views[name]
 
 
 def param_views(params: list[Tensor], flat: Tensor) -> list[Tensor]:
     """``flat`` cut into consecutive views shaped like ``params``."""
-    out, offset = [], 0
-    for p in params:
-        out.append(flat[offset : offset + p.numel()].view(p.shape))
-        offset += p.numel()
-    return out
+    return [x.view_as(p) for x, p in zip(flat.split([p.numel() for p in params]), params)]
+
+
+def cached_chunks(store: dict[int, tuple[tuple[int, ...], list[Chunk]]], gi: int, params: list[Tensor]) -> list[Chunk]:
+    """The chunks of group ``gi`` kept in ``store``, made anew when its stepping params changed."""
+    key = tuple(id(p) for p in params)
+    cached = store.get(gi)
+    if cached is None or cached[0] != key:
+        cached = store[gi] = (key, make_chunks(params))
+    return cached[1]
 
 
 def make_chunks(params: list[Tensor]) -> list[Chunk]:

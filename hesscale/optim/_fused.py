@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ._base import CurvatureOptimizer
 from ._common import all_finite, group_key, read_hess_diag
-from ._flat import Chunk, build_flat_layout, flatten_into, gather_gh, param_views
+from ._flat import Chunk, FlatLayout, build_flat_layout, flatten_into, gather_gh, param_views
 from ._updates import RULES, Rule, Work
 from .adahessian import AdaHessian
 
@@ -68,7 +68,7 @@ def fused_step(scaler: Scaler, rule: Rule, plans: list[tuple[list[int], list[Ten
         params = plan[1]
         (chunk,) = scaler._chunks_for(gi, params)
         grads = [p.grad.detach() for p in params]
-        h = None
+        g = h = None
         if chunk.small:
             gh, g, h = gather_gh(chunk, grads, hess[gi])
             finite = bool(torch.isfinite(gh.sum()))
@@ -79,7 +79,8 @@ def fused_step(scaler: Scaler, rule: Rule, plans: list[tuple[list[int], list[Ten
             if curvature:
                 inner._skip_group(gi)
             continue
-        state, steps, adopt, flat = _state(scaler, rule, group, gi, chunk)
+        state, steps, adopt, layout = _state(scaler, rule, group, gi, chunk)
+        flat = layout is not None
         gs, hs = ([g], [h]) if flat else (grads, hess[gi])
         theta = None
         if group["weight_decay"] != 0:
@@ -98,15 +99,14 @@ def fused_step(scaler: Scaler, rule: Rule, plans: list[tuple[list[int], list[Ten
         dots = [torch.dot(ci.mul_(xi).view(-1), xi.reshape(-1)) for ci, xi in zip(cs, x)]
         total = dots[0] if len(dots) == 1 else torch.stack(dots).sum()
         alpha = scaler._alpha(f * f * total.item())
-        xs = x if not flat else chunk.views_of("u") if x[0] is scratch[0] else param_views(params, x[0])
-        torch._foreach_add_(params, xs, alpha=-alpha * f)
+        torch._foreach_add_(params, _param_views(chunk, layout, x[0], g) if flat else x, alpha=-alpha * f)
         scaler.last_scales[group_key(group, gi)] = alpha
 
 
 def _state(scaler: Scaler, rule: Rule, group: dict[str, Any], gi: int, chunk: Chunk):
     """The optimizer's state of ``chunk.params`` as the rule's lists, the incremented step counts, a
     function that stores tensors the rule created (lazy keys) back into the optimizer's state, and
-    whether the lists are flat (one tensor each) or per param."""
+    the group's flat layout (None: the lists are per param)."""
     inner = scaler.optimizer
     params = chunk.params
     keys, lazy = rule.keys(group), rule.lazy(group)
@@ -133,7 +133,7 @@ def _state(scaler: Scaler, rule: Rule, group: dict[str, Any], gi: int, chunk: Ch
                 for st, t in zip(states, state[key]):
                     st[key] = t
 
-        return state, steps, adopt, False
+        return state, steps, adopt, None
 
     state = {key: [layout.flat[key]] for key in keys + lazy}
     if layout.steps is not None:
@@ -147,7 +147,19 @@ def _state(scaler: Scaler, rule: Rule, group: dict[str, Any], gi: int, chunk: Ch
             if layout.flat[key] is None:  # created by this first step: the state now views it
                 layout.adopt(key, state[key][0], params, states)
 
-    return state, steps, adopt_flat, True
+    return state, steps, adopt_flat, layout
+
+
+def _param_views(chunk: Chunk, layout: FlatLayout, x: Tensor, g: Tensor) -> list[Tensor]:
+    """Per-param views of the flat update ``x``: the ones kept for it when it is a known buffer."""
+    if x is chunk.buffer("u"):
+        return chunk.views_of("u")
+    if x is g:
+        return chunk.views_of("g")
+    for key, t in layout.flat.items():
+        if x is t:
+            return layout.views[key]
+    return param_views(chunk.params, x)
 
 
 def _increment(rule: Rule, states: list[dict[str, Any]]) -> list[float]:

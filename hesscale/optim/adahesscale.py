@@ -9,18 +9,14 @@ import torch
 from torch import Tensor
 
 from . import _common
-from ._base import CurvatureOptimizer
+from ._base import CurvatureOptimizer, evaluate_closure, foreach_update
 from ._common import (
     all_finite,
     bias_corrected_denominators,
-    check_betas,
-    check_nonnegative,
-    check_positive,
-    negated,
     read_hess_diag,
     update_moments,
 )
-from ._flat import FlatLayout, build_flat_layout, param_views
+from ._flat import FlatLayout, build_flat_layout, cached_chunks, gather_gh
 
 __all__ = ["AdaHesScale"]
 
@@ -70,10 +66,7 @@ class AdaHesScale(CurvatureOptimizer):
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_nonnegative("learning rate", group["lr"])
-        check_betas(group["betas"])
-        check_positive("epsilon", group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
+        super()._validate_group(group)
         if group["variant"] not in VARIANTS:
             raise ValueError(f"Invalid variant: {group['variant']!r} (must be one of {VARIANTS})")
 
@@ -83,10 +76,7 @@ class AdaHesScale(CurvatureOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every param group (see the class docstring for the equations)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         self._begin_step()
         for gi, group in enumerate(self.param_groups):
             params: list[Tensor] = []
@@ -118,7 +108,8 @@ class AdaHesScale(CurvatureOptimizer):
             return
         exp_avgs, exp_avg_sqs, steps = self._state_lists(params)
         roots = self._root_scratch(params) if group["variant"] == "adam" else None
-        _update(params, grads, hess, exp_avgs, exp_avg_sqs, steps, group, roots)
+        foreach_update(params, grads, hess, exp_avgs, exp_avg_sqs, steps, group, power_of(group["variant"]),
+                       squared=group["variant"] == "adam", roots=roots)
         if roots is not None:
             self._keep_roots(gi, roots)
 
@@ -132,23 +123,22 @@ class AdaHesScale(CurvatureOptimizer):
         flat: FlatLayout,
     ) -> None:
         """The path of small groups: one flat copy of g and ĥ, a handful of launches in all."""
-        gh = torch.cat([t.reshape(-1) for t in grads + hess])
+        (chunk,) = cached_chunks(self._chunks, gi, params)
+        gh, g, h = gather_gh(chunk, grads, hess)
         if not bool(torch.isfinite(gh.sum())):
             self._skip_group(gi)
             return
         for p in params:
             self.state[p]["step"] += 1
-        n = gh.numel() // 2
         keep = self.keep_curvature_scale and group["variant"] == "adam"
-        m, v = flat.flat["exp_avg"], flat.flat["exp_avg_sq"]
-        root = torch.empty_like(m) if keep else None
+        root = chunk.buffer("c") if keep else None
         t = self.state[params[0]]["step"]
-        u = _flat_update(gh[:n], gh[n:], m, v, t, group, root)
+        scale = _flat_update(g, h, flat.flat["exp_avg"], flat.flat["exp_avg_sq"], t, group, root, chunk.buffer("u"))
         if group["weight_decay"] != 0.0:
             torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
-        torch._foreach_sub_(params, param_views(params, u))
+        torch._foreach_add_(params, chunk.views_of("u"), alpha=-scale)
         if root is not None:
-            self._keep_roots(gi, param_views(params, root))
+            self._keep_roots(gi, chunk.views_of("c"))
 
     def _flat_state(self, gi: int, params: list[Tensor]) -> FlatLayout | None:
         """Flat ``exp_avg``/``exp_avg_sq`` of a small, uniform group (per-param state = views), else None."""
@@ -174,39 +164,13 @@ def power_of(variant: str) -> float:
     return 1.0 if variant == "newton" else 0.5
 
 
-def _update(
-    params: list[Tensor],
-    grads: list[Tensor],
-    hess: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[int],
-    group: dict[str, Any],
-    roots: list[Tensor] | None = None,
-) -> None:
-    """The vectorised update of one param group; writes ``sqrt(v)`` into ``roots`` if given."""
-    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-    weight_decay, variant = group["weight_decay"], group["variant"]
-    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, hess, exp_avgs, exp_avg_sqs], with_indices=True
-    )
-    for (p, g, h, m, v), indices in grouped.values():
-        if weight_decay != 0.0:
-            torch._foreach_mul_(p, 1.0 - lr * weight_decay)
-        update_moments(g, h, m, v, beta1, beta2, squared=variant == "adam")
-        rs = [roots[i] for i in indices] if roots is not None else None
-        denom, scale = bias_corrected_denominators(
-            v, [steps[i] for i in indices], lr, beta1, beta2, eps, power_of(variant), rs
-        )
-        torch._foreach_addcdiv_(p, m, denom, negated(scale))
-
-
 def _flat_update(
-    g: Tensor, h: Tensor, m: Tensor, v: Tensor, t: int, group: dict[str, Any], root: Tensor | None
-) -> Tensor:
-    """The same update on flat tensors; returns the step ``lr·(m/bc1)/denom`` (weight decay aside)."""
+    g: Tensor, h: Tensor, m: Tensor, v: Tensor, t: int, group: dict[str, Any], root: Tensor | None, out: Tensor
+) -> float:
+    """The same update on flat tensors: ``out = m/denom``; returns ``s`` (the step is ``s·out``, decay aside)."""
     lr, (beta1, beta2), eps, variant = group["lr"], group["betas"], group["eps"], group["variant"]
     update_moments([g], [h], [m], [v], beta1, beta2, squared=variant == "adam")
     roots = [root] if root is not None else None
-    (denom,), scale = bias_corrected_denominators([v], [t], lr, beta1, beta2, eps, power_of(variant), roots)
-    return torch.div(m, denom, out=denom).mul_(scale)
+    _, scale = bias_corrected_denominators([v], [t], lr, beta1, beta2, eps, power_of(variant), roots, out=[out])
+    torch.div(m, out, out=out)
+    return scale
