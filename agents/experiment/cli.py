@@ -10,8 +10,9 @@ the runs checkpoint and the process exits 130.
 2. Hydra reports its own errors by raising them (``HYDRA_FULL_ERROR``) instead of printing them and
    exiting with 1, the code of a failed run;
 3. :func:`explain` turns Hydra's composition and override errors (an unknown group option, an
-   unknown key, a bad override) into one message with the nearest valid name; the process exits 2,
-   as for every other :class:`~agents.experiment.errors.ConfigError` (``main_task``).
+   unknown key, a bad override) into one message with the nearest valid name; the process exits 2
+   (:func:`exit_config_error`), as for every other :class:`~agents.experiment.errors.ConfigError`
+   (``main_task``; no Slurm for ``hydra/launcher=slurm``: :mod:`~agents.experiment.cluster`).
 
 Torch-free: a configuration error is answered before torch or SB3 load.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 CONFIG_ERROR_EXIT = 2
 _NULL_GROUP = re.compile(r"^(tuned|opt_agent|sweep)=(null|None|~)$")
@@ -30,6 +31,13 @@ _NULL_GROUP = re.compile(r"^(tuned|opt_agent|sweep)=(null|None|~)$")
 def normalize_overrides(argv: Sequence[str]) -> list[str]:
     """``tuned=null`` / ``sweep=null`` → ``~tuned`` / ``~sweep``; everything else unchanged."""
     return [f"~{m.group(1)}" if (m := _NULL_GROUP.match(a)) else a for a in argv]
+
+
+def exit_config_error(msg: str) -> NoReturn:
+    """Print the one-line message and exit with :data:`CONFIG_ERROR_EXIT` (works inside Hydra's
+    callbacks too, which turn exceptions into warnings: ``SystemExit`` passes through)."""
+    print(f"Invalid configuration: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(CONFIG_ERROR_EXIT)
 
 
 def explain(ex: BaseException) -> str | None:
@@ -77,8 +85,7 @@ def run_hydra_main(main: Callable[[], Any], argv: list[str] | None = None) -> No
             traceback.print_exc()
         if msg is None:
             raise SystemExit(1) from None
-        print(f"Invalid configuration: {msg}", file=sys.stderr, flush=True)
-        raise SystemExit(CONFIG_ERROR_EXIT) from None
+        exit_config_error(msg)
     finally:
         if ours:
             os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._common import clear_hess_diag, scratch_buffers
+from ._common import (
+    bias_corrected_denominators,
+    check_betas,
+    check_nonnegative,
+    check_positive,
+    clear_hess_diag,
+    negated,
+    scratch_buffers,
+    update_moments,
+)
 from ._flat import Chunk, FlatLayout
 
-__all__ = ["CurvatureOptimizer"]
+__all__ = ["CurvatureOptimizer", "evaluate_closure", "foreach_update"]
+
+
+def evaluate_closure(closure: Callable[[], Any] | None) -> Any:
+    """torch's ``step(closure)`` contract: the closure's loss, evaluated with gradients on (None without one)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 class CurvatureOptimizer(torch.optim.Optimizer):
@@ -44,7 +62,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # -- hooks for subclasses ----------------------------------------------------------------
     def _validate_group(self, group: dict[str, Any]) -> None:
-        """Raise ``ValueError`` for an invalid hyperparameter of ``group``."""
+        """Raise ``ValueError`` for an invalid hyperparameter of ``group`` (subclasses add theirs)."""
+        check_nonnegative("learning rate", group["lr"])
+        check_betas(group["betas"])
+        check_positive("epsilon", group["eps"])
+        check_nonnegative("weight_decay", group["weight_decay"])
 
     def _sqrt_ema_is_scale(self, group: dict[str, Any], beta: float) -> bool:
         """True when this optimizer's ``sqrt(v)`` for ``group`` is ``sqrt(EMA_beta(ĥ²))``."""
@@ -141,3 +163,28 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _skip_group(self, group_index: int) -> None:
         self.skipped_steps += 1
         self.last_skipped_groups.add(group_index)
+
+
+def foreach_update(
+    params: list[Tensor], grads: list[Tensor], hess: list[Tensor], exp_avgs: list[Tensor],
+    second_moments: list[Tensor], steps: list[int], group: dict[str, Any], power: float, squared: bool = True,
+    roots: list[Tensor] | None = None,
+) -> None:
+    """The foreach step of AdaHesScale and AdaHessian on one param group (per device and dtype)::
+
+        θ ← θ·(1 − lr·wd),  m ← EMA_β1(g),  v ← EMA_β2(ĥ², or |ĥ| unless squared),
+        θ ← θ − lr·(m/bc1) / ((v/bc2)^power + eps)
+
+    writing ``sqrt(v)`` into ``roots`` if given.
+    """
+    lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, hess, exp_avgs, second_moments], with_indices=True
+    )
+    for (p, g, h, m, v), indices in grouped.values():
+        if weight_decay != 0.0:
+            torch._foreach_mul_(p, 1.0 - lr * weight_decay)
+        update_moments(g, h, m, v, beta1, beta2, squared=squared)
+        rs = [roots[i] for i in indices] if roots is not None else None
+        denom, scale = bias_corrected_denominators(v, [steps[i] for i in indices], lr, beta1, beta2, eps, power, rs)
+        torch._foreach_addcdiv_(p, m, denom, negated(scale))

@@ -66,7 +66,7 @@ class Rule:
 
 
 # --------------------------------------------------------------------------- shared pieces
-def _quotient(work: Work, num: list[Tensor], denom: list[Tensor]) -> list[Tensor]:
+def _quotient(num: list[Tensor], denom: list[Tensor]) -> list[Tensor]:
     """``num / denom`` written into ``denom`` (one of the rule's scratch tensors)."""
     for n, d in zip(num, denom):
         torch.div(n, d, out=d)
@@ -115,7 +115,7 @@ def _adam(group: dict[str, Any], work: Work) -> tuple[list[Tensor], float]:
         torch._foreach_maximum_(work.state["max_exp_avg_sq"], v)
         v = work.state["max_exp_avg_sq"]
     denom, scale = bias_corrected_denominators(v, work.steps, lr, beta1, beta2, eps, out=work.scratch)
-    return _factored(group, work, _quotient(work, m, denom), scale, decoupled)
+    return _factored(group, work, _quotient(m, denom), scale, decoupled)
 
 
 def _rmsprop(group: dict[str, Any], work: Work) -> tuple[list[Tensor], float]:
@@ -139,7 +139,7 @@ def _rmsprop(group: dict[str, Any], work: Work) -> tuple[list[Tensor], float]:
         torch._foreach_mul_(buf, momentum)
         torch._foreach_addcdiv_(buf, g, avg)
         return buf, lr
-    return _quotient(work, g, avg), lr
+    return _quotient(g, avg), lr
 
 
 def _sgd(group: dict[str, Any], work: Work) -> tuple[list[Tensor], float]:
@@ -167,7 +167,7 @@ def _curvature(second_moment: str, power: Callable[[dict[str, Any]], float]) -> 
         denom, scale = bias_corrected_denominators(
             v, work.steps, lr, beta1, beta2, eps, power(group), work.roots, out=work.scratch
         )
-        return _factored(group, work, _quotient(work, m, denom), scale, decoupled=True)
+        return _factored(group, work, _quotient(m, denom), scale, decoupled=True)
 
     return direction
 

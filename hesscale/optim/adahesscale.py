@@ -9,14 +9,10 @@ import torch
 from torch import Tensor
 
 from . import _common
-from ._base import CurvatureOptimizer
+from ._base import CurvatureOptimizer, evaluate_closure, foreach_update
 from ._common import (
     all_finite,
     bias_corrected_denominators,
-    check_betas,
-    check_nonnegative,
-    check_positive,
-    negated,
     read_hess_diag,
     update_moments,
 )
@@ -70,10 +66,7 @@ class AdaHesScale(CurvatureOptimizer):
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_nonnegative("learning rate", group["lr"])
-        check_betas(group["betas"])
-        check_positive("epsilon", group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
+        super()._validate_group(group)
         if group["variant"] not in VARIANTS:
             raise ValueError(f"Invalid variant: {group['variant']!r} (must be one of {VARIANTS})")
 
@@ -83,10 +76,7 @@ class AdaHesScale(CurvatureOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every param group (see the class docstring for the equations)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         self._begin_step()
         for gi, group in enumerate(self.param_groups):
             params: list[Tensor] = []
@@ -118,7 +108,8 @@ class AdaHesScale(CurvatureOptimizer):
             return
         exp_avgs, exp_avg_sqs, steps = self._state_lists(params)
         roots = self._root_scratch(params) if group["variant"] == "adam" else None
-        _update(params, grads, hess, exp_avgs, exp_avg_sqs, steps, group, roots)
+        foreach_update(params, grads, hess, exp_avgs, exp_avg_sqs, steps, group, power_of(group["variant"]),
+                       squared=group["variant"] == "adam", roots=roots)
         if roots is not None:
             self._keep_roots(gi, roots)
 
@@ -171,33 +162,6 @@ class AdaHesScale(CurvatureOptimizer):
 def power_of(variant: str) -> float:
     """The exponent of ``v/bc2`` in the denominator: 1 for "newton", 1/2 otherwise."""
     return 1.0 if variant == "newton" else 0.5
-
-
-def _update(
-    params: list[Tensor],
-    grads: list[Tensor],
-    hess: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[int],
-    group: dict[str, Any],
-    roots: list[Tensor] | None = None,
-) -> None:
-    """The vectorised update of one param group; writes ``sqrt(v)`` into ``roots`` if given."""
-    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-    weight_decay, variant = group["weight_decay"], group["variant"]
-    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, hess, exp_avgs, exp_avg_sqs], with_indices=True
-    )
-    for (p, g, h, m, v), indices in grouped.values():
-        if weight_decay != 0.0:
-            torch._foreach_mul_(p, 1.0 - lr * weight_decay)
-        update_moments(g, h, m, v, beta1, beta2, squared=variant == "adam")
-        rs = [roots[i] for i in indices] if roots is not None else None
-        denom, scale = bias_corrected_denominators(
-            v, [steps[i] for i in indices], lr, beta1, beta2, eps, power_of(variant), rs
-        )
-        torch._foreach_addcdiv_(p, m, denom, negated(scale))
 
 
 def _flat_update(

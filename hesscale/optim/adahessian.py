@@ -9,16 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import CurvatureOptimizer
+from ._base import CurvatureOptimizer, evaluate_closure, foreach_update
 from ._common import (
     all_finite,
-    bias_corrected_denominators,
-    check_betas,
-    check_nonnegative,
-    check_positive,
-    negated,
     param_label,
-    update_moments,
 )
 
 __all__ = ["AdaHessian"]
@@ -71,10 +65,7 @@ class AdaHessian(CurvatureOptimizer):
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_nonnegative("learning rate", group["lr"])
-        check_betas(group["betas"])
-        check_positive("epsilon", group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
+        super()._validate_group(group)
         k = group["hessian_power"]
         if not isinstance(k, numbers.Real) or isinstance(k, bool) or not 0.0 <= k <= 1.0:
             raise ValueError(f"Invalid hessian_power value: {k!r} (must be in [0, 1])")
@@ -107,10 +98,7 @@ class AdaHessian(CurvatureOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Estimate D by one Hessian-vector product, then update every param group."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         self._begin_step()
         per_group = [self._params_with_grad(gi, group) for gi, group in enumerate(self.param_groups)]
         params = [p for ps in per_group for p in ps]
@@ -126,7 +114,7 @@ class AdaHessian(CurvatureOptimizer):
                 self._skip_group(gi)
                 continue
             roots = self._root_scratch(ps)
-            _update(ps, grads, hess, *self._state_lists(ps), group, roots)
+            foreach_update(ps, grads, hess, *self._state_lists(ps), group, group["hessian_power"] / 2, roots=roots)
             if roots is not None:
                 self._keep_roots(gi, roots)
         return loss
@@ -158,28 +146,3 @@ class AdaHessian(CurvatureOptimizer):
             )
         for p, z, hz in zip(params, zs, hzs):
             p.hess_diag = torch.zeros_like(p) if hz is None else (z * hz.detach()).abs_()
-
-
-def _update(
-    params: list[Tensor],
-    grads: list[Tensor],
-    hess: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_sqs: list[Tensor],
-    steps: list[int],
-    group: dict[str, Any],
-    roots: list[Tensor] | None = None,
-) -> None:
-    """The vectorised AdaHessian update of one param group; writes ``sqrt(v)`` into ``roots`` if given."""
-    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-    weight_decay, k = group["weight_decay"], group["hessian_power"]
-    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, hess, exp_avgs, exp_sqs], with_indices=True
-    )
-    for (p, g, d, m, v), indices in grouped.values():
-        if weight_decay != 0.0:
-            torch._foreach_mul_(p, 1.0 - lr * weight_decay)
-        update_moments(g, d, m, v, beta1, beta2)
-        rs = [roots[i] for i in indices] if roots is not None else None
-        denom, scale = bias_corrected_denominators(v, [steps[i] for i in indices], lr, beta1, beta2, eps, k / 2, rs)
-        torch._foreach_addcdiv_(p, m, denom, negated(scale))

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import CurvatureOptimizer
+from ._base import CurvatureOptimizer, evaluate_closure
 from ._common import (
     check_in_unit_interval,
     check_positive,
@@ -54,7 +54,9 @@ class StepSizeScaling(torch.optim.Optimizer):
     Two routes give the same step up to rounding; ``last_route`` names the one the last step took.
     *fused* (Adam, AdamW, RMSprop, SGD, AdaHesScale, AdaHessian, one device and dtype per group,
     no ``differentiable``/``capturable``/``fused`` torch option): the update ``u`` is computed from
-    the optimizer's own state by the rule in ``_updates`` and applied once as ``θ ← θ − α·u``.
+    the optimizer's own state by the rule in ``_updates`` and applied once as ``θ ← θ − α·u``
+    (the wrapped optimizer's ``step()`` is not called, nor hooks registered on it: register
+    them on this wrapper).
     *snapshot* (any other optimizer, or ``fused=False``): θ is copied, the wrapped optimizer steps,
     and ``u = θ_before − θ_after`` is rescaled.
 
@@ -130,10 +132,7 @@ class StepSizeScaling(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """The wrapped optimizer's update of each group, rescaled by its α (fused or snapshot route)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         plans: list[tuple[list[int], list[Tensor]] | None] = []
         for group in self.param_groups:
             indices = [pi for pi, p in enumerate(group["params"]) if p.grad is not None]
