@@ -116,7 +116,7 @@ def test_per_agent_defaults_precedence(tmp_path):
 
 #: what ``opt=hesscale`` runs per agent (issue 11's evidence, docs/results/defaults/README.md):
 #: (δ, AdaHesScale eps, lr) — a change of these defaults must come with that evidence
-HESSCALE_DEFAULTS = {"ppo": (1e-8, 1e-5, 3e-4), "a2c": (1e-8, 1e-5, 7e-4), "sac": (1e-8, 1e-5, 3e-4)}
+HESSCALE_DEFAULTS = {"ppo": (1e-8, 1e-5, 3e-4), "a2c": (1e-8, 1e-5, 7e-4), "sac": (1e-7, 1e-5, 3e-4)}
 
 
 @pytest.mark.parametrize("agent", sorted(HESSCALE_DEFAULTS))
