@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from agents.experiment.build import build_model, optimizer_spec
 from agents.experiment.validation import ConfigError, validate
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 AGENTS = sorted(p.stem for p in (CONFIGS / "agent").glob("*.yaml"))
 OPTS = sorted(p.stem for p in (CONFIGS / "opt").glob("*.yaml"))
 ENVS = sorted(p.stem for p in (CONFIGS / "env").glob("*.yaml"))

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from agents.experiment.run import train
 from agents.experiment.store import MANIFEST, STATE_FILE, CheckpointStore
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _writer(payload: bytes):

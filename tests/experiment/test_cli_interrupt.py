@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN = str(ROOT / "scripts" / "train.py")
 TINY = ["agent=ppo", "opt=adam", "env=pendulum", "total_timesteps=1000000", "agent.kwargs.n_steps=200",
         "agent.kwargs.batch_size=100", "agent.kwargs.n_epochs=1", "++agent.policy_kwargs.net_arch=[16]",

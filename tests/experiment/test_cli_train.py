@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN, REPORT, EVALUATE = (str(ROOT / "scripts" / f"{n}.py") for n in ("train", "report", "evaluate"))
 # A few hundred steps of PPO on Pendulum-v1, two evaluations.
 TINY = ["env=pendulum", "total_timesteps=400", "agent.kwargs.n_steps=200", "agent.kwargs.batch_size=50",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["env=pendulum", "total_timesteps=64", "agent.kwargs.n_steps=64", "agent.kwargs.batch_size=32",
         "eval.freq=0", "eval.n_episodes=1", "progress_bar=false"]
 

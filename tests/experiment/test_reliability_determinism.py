@@ -16,7 +16,7 @@ from agents.experiment import ConfigError
 from agents.experiment.run import train
 from agents.experiment.validation import validate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN, REPORT = (str(ROOT / "scripts" / f"{n}.py") for n in ("train", "report"))
 TINY = {
     "ppo": ["agent=ppo", "opt=hesscale", "agent.kwargs.n_steps=100", "agent.kwargs.batch_size=50",

@@ -19,7 +19,7 @@ from agents.experiment.report import make_report
 from agents.experiment.report_improvement import improvement_table
 from agents.experiment.results import RESULTS_FORMAT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN = str(ROOT / "scripts" / "train.py")
 SMALL_FILES = {"result.json", "evaluations.npz", "progress.csv", "config.yaml"}
 

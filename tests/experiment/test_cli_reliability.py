@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 
 from agents.experiment.run import train
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TINY_PPO = ["agent=ppo", "opt=adam", "agent.kwargs.n_steps=64", "agent.kwargs.batch_size=32",
             "eval.freq=0", "eval.n_episodes=1", "progress_bar=false"]
 

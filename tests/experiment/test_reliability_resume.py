@@ -25,7 +25,7 @@ from agents.experiment.build import MODEL_FILE
 from agents.experiment.run import train
 from agents.experiment.store import CheckpointStore, load_state
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN = str(ROOT / "scripts" / "train.py")
 PAUSE_TRAIN = str(ROOT / "tests" / "pause_train.py")
 COMMON = ["env=pendulum", "opt=hesscale", "eval.freq=400", "eval.n_episodes=1", "checkpoint.freq=200",

@@ -13,7 +13,7 @@ from agents.experiment.errors import ConfigError
 from agents.experiment.keys import AGENT_KEYS, ENV_KEYS, known_tree, unknown_keys
 from agents.experiment.validation import validate
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _compose(overrides):

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from agents.experiment.build import build_model
 from agents.experiment.validation import validate
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SMALL = {"ppo": ["agent.kwargs.n_steps=64", "agent.kwargs.batch_size=32"], "a2c": [],
          "sac": ["agent.kwargs.buffer_size=1000"]}  # building a model is then instant
 PAPER_SWEEPS = ("lr_sensitivity", "lr_sensitivity_small", "paper_rl_small", "paper_rl_small_sac")

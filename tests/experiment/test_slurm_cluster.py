@@ -32,7 +32,7 @@ from test_reliability_resume import PAUSE_TRAIN, TRAIN, _assert_same_run, _overr
 
 from agents.experiment.cluster import ClusterUnavailable, check_slurm
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "slurm_local.sh"
 REPORT = str(ROOT / "scripts" / "report.py")
 RUN = _overrides("ppo", "checkpoint.freq=0")  # PPO, opt=hesscale, 1000 steps; only the preemption checkpoints
