@@ -1,7 +1,7 @@
 """SAC whose actor and critic updates can use HesScale curvature.
 
-Critic: curvature of SB3's critic loss ``0.5·Σ_i MSE(Q_i(s, a), y)`` (per-sample output Hessian by
-the core). Actor: curvature of ``mean(α·log π(ã|s) − min_i Q_i(s, ã))`` through the critics, the
+Critic: curvature of SB3's critic loss ``0.5·Σ_i MSE(Q_i(s, a), y)`` (per-sample output Hessian
+``1/N`` per Q-value, in closed form). Actor: curvature of ``mean(α·log π(ã|s) − min_i Q_i(s, ã))`` through the critics, the
 ``tanh`` squashing and the entropy term, w.r.t. the actor's two heads (mean ``mu`` and the
 pre-clamp ``log_std`` output), then the HesScale sweep through the actor's trunk. Two routes for
 the heads' per-sample output Hessians (``optimizer["actor_curvature"]``):
@@ -191,8 +191,11 @@ class SAC(CurvatureAgentMixin, SB3SAC):
             assert isinstance(critic_loss, th.Tensor)
             critic_losses.append(critic_loss.item())
 
-            # Optimize the critic: gradient + curvature + (scaled) step.
-            critic_update.step(critic_cap, critic_loss)
+            # Optimize the critic: gradient + curvature + (scaled) step; 0.5·MSE has the closed form
+            # ∂²/∂q² = 1/numel per entry (else the core's autograd route: one HVP per Q-network).
+            critic_hessians = {q: th.full_like(q, 1.0 / q.numel()) for q in current_q_values
+                               if critic_cap is not None and critic_cap.is_captured_output(q)}
+            critic_update.step(critic_cap, critic_loss, output_hessians=critic_hessians or None)
 
             q_values_pi = th.cat(self.critic(replay_data.observations, actions_pi), dim=1)
             min_qf_pi, _ = th.min(q_values_pi, dim=1, keepdim=True)

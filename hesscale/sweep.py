@@ -132,6 +132,8 @@ class capture:
 
     # -- recording -------------------------------------------------------------------------
     def __enter__(self) -> "capture":
+        if self._saved_forwards is not None:
+            raise RuntimeError("this capture is already active; nested blocks need separate capture objects")
         self._calls, self._alias_index, self._internal, self.outside_ops = [], {}, [], {}
         self._saved_forwards = [module.__dict__.get("forward") for module, _ in self._wrappers]
         for module, wrapper in self._wrappers:

@@ -12,14 +12,21 @@ lower = slower) and their medians.
     python scripts/bench_agents.py                       # ~8 minutes on one core
     python scripts/bench_agents.py --reps 5 --algos ppo  # more repetitions, one algorithm
 
-Writes ``docs/results/bench_agents.json`` and ``docs/results/bench_agents.png``.
-Targets (issue 4): PPO and A2C training phase ≤ 2.0× and overall ≥ 0.7×; SAC overall ≥ 0.5×
-with the cheaper actor curvature ("gn"); the exact route's cost is reported beside it.
+    python scripts/bench_agents.py --algos ppo_cnn sac_cnn  # NatureCNN on 84×84 fake images
+
+Writes ``docs/results/bench_agents.json`` and ``docs/results/bench_agents.png``. Beside each
+training-phase ratio it prints the **floor** ``(T(first-order train) + T(extra matmuls and
+convolutions alone)) / T(first-order train)``: the sweep's extra products (per Linear
+``D·(W∘W)``, ``Dᵀ(x∘x)``; per Conv the two backward kernels on ``W∘W`` and ``x∘x``) for every
+captured call of the curvature run, timed on premade operands in the same process.
+Targets (issue 12): training phase PPO and A2C ≤ 1.2×, SAC (``gn``) ≤ 1.3×; (issue 10) PPO
+``CnnPolicy`` ≤ 1.8× (print the floor), SAC with an image critic ≤ 2× per gradient step.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -29,10 +36,12 @@ import time
 from pathlib import Path
 
 import torch as th
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import agents  # noqa: E402
+import hesscale.sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALED = {"name": "adahesscale", "kwargs": {"eps": 1e-5}, "scaling": {"enabled": True}}
@@ -45,14 +54,75 @@ ARMS = {
         "scaled_adahesscale_exact": {**SCALED, "actor_curvature": "exact"},
     },
 }
-CLASSES = {"ppo": agents.PPO, "a2c": agents.A2C, "sac": agents.SAC}
+ARMS["ppo_cnn"] = ARMS["ppo"]
+ARMS["sac_cnn"] = {"first_order": None, "scaled_adahesscale_gn": ARMS["sac"]["scaled_adahesscale_gn"]}
+CLASSES = {"ppo": agents.PPO, "a2c": agents.A2C, "sac": agents.SAC, "ppo_cnn": agents.PPO, "sac_cnn": agents.SAC}
+#: extra keyword arguments per algorithm (the CNN arms: small rollouts, NatureCNN is slow on a CPU)
+EXTRA = {
+    "sac": dict(learning_starts=100),
+    "ppo_cnn": dict(n_steps=256, batch_size=64, n_epochs=2),
+    "sac_cnn": dict(learning_starts=100, batch_size=64, buffer_size=1000),
+}
+
+
+def _env(algo: str, env_id: str):
+    if not algo.endswith("_cnn"):
+        return env_id
+    from stable_baselines3.common.envs import FakeImageEnv
+
+    return FakeImageEnv(action_dim=6, discrete=algo.startswith("ppo"))
+
+
+class ExtraProducts:
+    """Counts, per captured Linear / Conv2d call shape, how often the sweep ran (a patched
+    ``capture.backward``), then times those calls' extra products alone."""
+
+    def __init__(self):
+        self.counts: collections.Counter = collections.Counter()
+        self._backward = hesscale.sweep.capture.backward
+
+    def __enter__(self):
+        counts, backward = self.counts, self._backward
+
+        def counting(cap, *args, **kwargs):
+            for call in cap._calls:
+                if isinstance(call.module, (nn.Linear, nn.Conv2d)):
+                    has_input = call.producer is not None or getattr(call, "chain", None) is not None
+                    counts[(call.module, tuple(call.x.shape), tuple(call.y.shape), has_input)] += 1
+            return backward(cap, *args, **kwargs)
+
+        hesscale.sweep.capture.backward = counting
+        return self
+
+    def __exit__(self, *exc):
+        hesscale.sweep.capture.backward = self._backward
+
+    def seconds(self, reps: int = 15) -> float:
+        total = 0.0
+        for (module, x_shape, y_shape, has_input), count in self.counts.items():
+            d, x2, w2 = th.rand(y_shape), th.rand(x_shape), module.weight.detach().square()
+            if isinstance(module, nn.Linear):
+                d2, x22 = d.reshape(-1, d.shape[-1]), x2.reshape(-1, x2.shape[-1])
+                ops = [lambda: d2.t().mm(x22)] + ([lambda: d2.mm(w2)] if has_input else [])
+            else:
+                opts = dict(stride=module.stride, padding=module.padding)
+                ops = [lambda: th.nn.grad.conv2d_weight(x2, module.weight.shape, d, **opts)]
+                if has_input:
+                    ops.append(lambda: th.nn.grad.conv2d_input(x_shape, w2, d, **opts))
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                for op in ops:
+                    op()
+                times.append(time.perf_counter() - start)
+            total += count * statistics.median(times)
+        return total
 
 
 def one_run(algo: str, optimizer, env_id: str, steps: int, seed: int) -> dict:
-    kwargs = dict(seed=seed, device="cpu", optimizer=optimizer)
-    if algo == "sac":
-        kwargs["learning_starts"] = 100
-    model = CLASSES[algo]("MlpPolicy", env_id, **kwargs)
+    kwargs = dict(seed=seed, device="cpu", optimizer=optimizer, **EXTRA.get(algo, {}))
+    policy = "CnnPolicy" if algo.endswith("_cnn") else "MlpPolicy"
+    model = CLASSES[algo](policy, _env(algo, env_id), **kwargs)
     train_time = [0.0]
     inner = model.train
 
@@ -62,11 +132,14 @@ def one_run(algo: str, optimizer, env_id: str, steps: int, seed: int) -> dict:
         train_time[0] += time.perf_counter() - start
 
     model.train = timed_train
+    extra = ExtraProducts()
     start = time.perf_counter()
-    model.learn(steps)
+    with extra:
+        model.learn(steps)
     total = time.perf_counter() - start
     assert model.divergence is None, model.divergence
-    return {"train_s": train_time[0], "total_s": total, "steps_per_s": model.num_timesteps / total}
+    return {"train_s": train_time[0], "total_s": total, "steps_per_s": model.num_timesteps / total,
+            "extra_s": extra.seconds() if extra.counts else 0.0}
 
 
 def main() -> None:
@@ -77,15 +150,18 @@ def main() -> None:
     parser.add_argument("--ppo-steps", type=int, default=4096, help="2 rollouts of SB3's n_steps=2048")
     parser.add_argument("--a2c-steps", type=int, default=4000, help="800 updates of SB3's n_steps=5")
     parser.add_argument("--sac-steps", type=int, default=600, help="500 gradient steps after learning_starts=100")
+    parser.add_argument("--ppo-cnn-steps", type=int, default=512, help="2 rollouts of n_steps=256 (CnnPolicy)")
+    parser.add_argument("--sac-cnn-steps", type=int, default=130, help="30 gradient steps (CnnPolicy, batch 64)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "bench_agents.json"))
     args = parser.parse_args()
     th.set_num_threads(1)
-    steps = {"ppo": args.ppo_steps, "a2c": args.a2c_steps, "sac": args.sac_steps}
+    steps = {"ppo": args.ppo_steps, "a2c": args.a2c_steps, "sac": args.sac_steps,
+             "ppo_cnn": args.ppo_cnn_steps, "sac_cnn": args.sac_cnn_steps}
 
     # warm-up (imports, MuJoCo, allocator) — not measured
     for algo in args.algos:
         for opt in ARMS[algo].values():
-            one_run(algo, opt, args.env, {"ppo": 128, "a2c": 50, "sac": 130}[algo], 0)
+            one_run(algo, opt, args.env, {"ppo": 128, "a2c": 50, "sac": 130, "ppo_cnn": 256, "sac_cnn": 102}[algo], 0)
 
     results: dict = {}
     for algo in args.algos:
@@ -106,9 +182,12 @@ def main() -> None:
                 continue
             train_ratio = [c["train_s"] / b["train_s"] for c, b in zip(runs[arm], base)]
             speed_ratio = [c["steps_per_s"] / b["steps_per_s"] for c, b in zip(runs[arm], base)]
+            floor = [(b["train_s"] + c["extra_s"]) / b["train_s"] for c, b in zip(runs[arm], base)]
             ratios[arm] = {
                 "train_phase_ratio": train_ratio,
                 "train_phase_ratio_median": statistics.median(train_ratio),
+                "train_phase_floor": floor,
+                "train_phase_floor_median": statistics.median(floor),
                 "overall_steps_per_s_ratio": speed_ratio,
                 "overall_steps_per_s_ratio_median": statistics.median(speed_ratio),
             }
@@ -116,10 +195,11 @@ def main() -> None:
         results[algo] = {"steps_per_run": steps[algo], "first_order_train_fraction": base_fraction, "ratios": ratios}
 
     print("\nmedian ratios (curvature / first-order), alternating runs, one thread:")
-    print(f"{'algo':5s} {'arm':26s} {'train phase':>12s} {'overall steps/s':>16s}")
+    print(f"{'algo':8s} {'arm':26s} {'train phase':>12s} {'floor':>6s} {'overall steps/s':>16s} {'f (FO train share)':>19s}")
     for algo, res in results.items():
         for arm, r in res["ratios"].items():
-            print(f"{algo:5s} {arm:26s} {r['train_phase_ratio_median']:11.2f}x {r['overall_steps_per_s_ratio_median']:15.2f}x")
+            print(f"{algo:8s} {arm:26s} {r['train_phase_ratio_median']:11.2f}x {r['train_phase_floor_median']:5.2f}x "
+                  f"{r['overall_steps_per_s_ratio_median']:15.2f}x {res['first_order_train_fraction']:18.0%}")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

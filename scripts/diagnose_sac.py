@@ -23,7 +23,7 @@ and Δ the step taken:
 Each quantity is summarised per window of ``--window`` updates (medians; ``binds`` as a share);
 the JSON holds the windows, the overall summary and the command. The actor's curvature route
 (``opt.actor_curvature``) is not compared here: with SB3's ReLU critics ``gn`` equals ``exact`` up
-to rounding (``tests/test_agents_curvature.py::test_sac_gn_equals_exact_for_relu_critics``).
+to rounding (``tests/agents/test_agents_curvature.py::test_sac_gn_equals_exact_for_relu_critics``).
 """
 
 from __future__ import annotations

@@ -125,3 +125,18 @@ def test_every_rule_in_the_registry_has_a_reference_test():
     assert _without_reference_test(["Linear", "NoSuchModule"]) == ["NoSuchModule"]
     untested = _without_reference_test(hesscale.supported_types())
     assert not untested, f"rules without a reference test: {untested}"
+
+
+#: test folders and the code each mirrors; only project-wide tests live in tests/ itself
+TEST_FOLDERS = {"core": "hesscale", "optim": "hesscale/optim", "agents": "agents",
+                "experiment": "agents/experiment", "scripts": "scripts"}
+PROJECT_WIDE_TESTS = {"test_readme.py", "test_structure.py"}
+
+
+def test_tests_mirror_the_code():
+    """Every test file sits in the folder of the code it tests (``tests/core/test_core_*.py`` ...)."""
+    misplaced = sorted(f.name for f in (ROOT / "tests").glob("test_*.py") if f.name not in PROJECT_WIDE_TESTS)
+    assert not misplaced, f"move into tests/<{'|'.join(TEST_FOLDERS)}>/: {misplaced}"
+    folders = {f.parent.name for f in (ROOT / "tests").rglob("test_*.py")} - {"tests"}
+    assert folders <= set(TEST_FOLDERS), folders - set(TEST_FOLDERS)
+    assert all((ROOT / code).is_dir() for code in TEST_FOLDERS.values())

@@ -54,7 +54,9 @@ class StepSizeScaling(torch.optim.Optimizer):
     Two routes give the same step up to rounding; ``last_route`` names the one the last step took.
     *fused* (Adam, AdamW, RMSprop, SGD, AdaHesScale, AdaHessian, one device and dtype per group,
     no ``differentiable``/``capturable``/``fused`` torch option): the update ``u`` is computed from
-    the optimizer's own state by the rule in ``_updates`` and applied once as ``θ ← θ − α·u``.
+    the optimizer's own state by the rule in ``_updates`` and applied once as ``θ ← θ − α·u``
+    (the wrapped optimizer's ``step()`` is not called, nor hooks registered on it: register
+    them on this wrapper).
     *snapshot* (any other optimizer, or ``fused=False``): θ is copied, the wrapped optimizer steps,
     and ``u = θ_before − θ_after`` is rescaled.
 
