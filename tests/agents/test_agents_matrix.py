@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
@@ -19,6 +18,7 @@ from gymnasium import spaces
 from torch.nn import functional as F
 
 import agents
+from tiny_env import TinyEnv
 
 HESSCALE = {"name": "adahesscale", "curvature": "hesscale", "kwargs": {"eps": 1e-5}, "scaling": {"enabled": True}}
 N_STEPS = 16
@@ -32,25 +32,6 @@ ACTIONS = {
     "MultiBinary": spaces.MultiBinary(3),
 }
 EXTRACTOR_KWARGS = {"CnnPolicy": {"features_dim": 16}, "MultiInputPolicy": {"cnn_output_dim": 16}}
-
-
-class TinyEnv(gym.Env):
-    """Random observations of the given space, Gaussian rewards, episodes of 8 steps."""
-
-    def __init__(self, observation_space, action_space):
-        self.observation_space, self.action_space = observation_space, action_space
-        self.t = 0
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        if seed is not None:
-            self.observation_space.seed(seed)
-        self.t = 0
-        return self.observation_space.sample(), {}
-
-    def step(self, action):
-        self.t += 1
-        return self.observation_space.sample(), float(self.np_random.normal()), self.t >= 8, False, {}
 
 
 def _exact_diag(loss_fn, param: th.Tensor) -> th.Tensor:

@@ -6,7 +6,6 @@ against a recursion written out here where two captured branches meet (cross ter
 """
 import warnings
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 import agents
 import hesscale
 from reference import exact_diag_by_double_backward
+from tiny_env import TinyEnv
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 
@@ -119,23 +119,6 @@ def test_unknown_operation_keeps_the_exact_route_and_is_named(float64):
     assert cap.outside_ops == {"1": "mul of two tensors that need gradients"}
     cap.backward(out.square().mean())
     assert model[0].weight.hess_diag is not None
-
-
-class TinyEnv(gym.Env):
-    """Random observations of the given space, Gaussian rewards, episodes of 8 steps."""
-
-    def __init__(self, observation_space, action_space):
-        self.observation_space, self.action_space = observation_space, action_space
-        self.t = 0
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        self.t = 0
-        return self.observation_space.sample(), {}
-
-    def step(self, action):
-        self.t += 1
-        return self.observation_space.sample(), float(self.np_random.normal()), self.t >= 8, False, {}
 
 
 IMG = spaces.Box(0, 255, (36, 36, 1), np.uint8)
