@@ -30,6 +30,21 @@ def both_paths(request, monkeypatch):
     return request.param
 
 
+def assert_steps_in_lockstep(opt, params, twin, twin_params, gen, steps, same=None):
+    """Feed both optimizers the same fresh g and ĥ for ``steps`` steps; after each, their params are
+    bit-identical (and ``same(opt, twin)`` holds when given)."""
+    for _ in range(steps):
+        gs, hs = draw(params, gen)
+        for q, g, h in zip(twin_params, gs, hs):
+            q.grad, q.hess_diag = g.clone(), h.clone()
+        opt.step()
+        twin.step()
+        if same is not None:
+            assert same(opt, twin)
+        for p, q in zip(params, twin_params):
+            assert torch.equal(p.detach(), q.detach())
+
+
 def assert_rewound_optimizer_continues_identically(opt, params, build, gen, same=None):
     """Save ``opt`` after 2 steps, take 2 more, load the save back into ``opt`` and into a fresh
     ``build(fresh_params)``: both then take bit-identical steps (``same(opt, fresh_opt)`` too)."""
@@ -53,13 +68,4 @@ def assert_rewound_optimizer_continues_identically(opt, params, build, gen, same
     with torch.no_grad():
         for p, s in zip(params, saved):
             p.copy_(s)
-    for _ in range(2):
-        gs, hs = draw(params, gen)
-        for q, g, h in zip(fresh, gs, hs):
-            q.grad, q.hess_diag = g.clone(), h.clone()
-        opt.step()
-        opt_fresh.step()
-        if same is not None:
-            assert same(opt, opt_fresh)
-        for p, q in zip(params, fresh):
-            assert torch.equal(p.detach(), q.detach())
+    assert_steps_in_lockstep(opt, params, opt_fresh, fresh, gen, 2, same)

@@ -66,13 +66,19 @@ def stale_reason(run_dir: Path, c: dict, result: dict) -> str | None:
     from omegaconf import OmegaConf
 
     old = identity(OmegaConf.to_container(OmegaConf.load(path), resolve=True))  # type: ignore[arg-type]
-    new = identity(OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(OmegaConf.create(c))),
-                                          resolve=True))  # type: ignore[arg-type]
+    new = identity(OmegaConf.to_container(OmegaConf.create(config_yaml(c)), resolve=True))  # type: ignore[arg-type]
     diff = _dotted_diff(old, new)
     if not diff:
         return None
     shown = ", ".join(diff[:3]) + (f" (+{len(diff) - 3} more)" if len(diff) > 3 else "")
     return f"its {CONFIG_FILE} differs: {shown}"
+
+
+def config_yaml(c: dict) -> str:
+    """The text of a run's ``config.yaml`` for the resolved configuration ``c``."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(c))
 
 
 def _dotted_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -134,8 +140,6 @@ class Session:
     def begin(cls, c: dict, run_dir: Path, labels: dict) -> "Session":
         """Pick the resume point, prepare the directory, write ``config.yaml``; ``result`` starts
         as ``running`` (with ``resumed_from`` extended when resumed)."""
-        from omegaconf import OmegaConf
-
         store = CheckpointStore(run_dir, keep=c["checkpoint"]["keep"])
         checkpoint, state = _resume_point(c, run_dir, store)
         prev = (read_result(run_dir) or {}) if state is not None else {}
@@ -145,7 +149,7 @@ class Session:
         else:
             store.cleanup_tmp()
             (run_dir / "error.txt").unlink(missing_ok=True)  # from a failed session being resumed
-        (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(c)))
+        (run_dir / CONFIG_FILE).write_text(config_yaml(c))
         result: dict[str, Any] = {
             "status": RunStatus.RUNNING, "results_format": RESULTS_FORMAT, "run_dir": str(run_dir), **labels,
             "total_timesteps": c["total_timesteps"], "started_at": prev.get("started_at") or now_iso(),

@@ -37,33 +37,10 @@ import numpy as np
 
 from .report_improvement import improvement_markdown, improvement_table
 from .report_runs import find_runs, load_curve, sparse_fallback
+from .report_stats import interval, iqm
 from .results import DONE, RunStatus
 
 CELL = ["env", "agent", "opt", "lr", "variant"]
-
-
-# ----------------------------------------------------------------------------- statistics
-def iqm(x: np.ndarray, axis: int = 0) -> np.ndarray:
-    from scipy.stats import trim_mean
-
-    return trim_mean(x, 0.25, axis=axis)
-
-
-def interval(scores: np.ndarray, func, reps: int, seed: int):
-    """Point estimate and 95% stratified-bootstrap CI (rliable) of ``func`` over runs (axis 0)."""
-    from rliable import library as rly
-
-    point = func(scores)
-    if scores.shape[0] < 2 or reps <= 0:
-        nan = np.full_like(np.asarray(point, dtype=float), np.nan)
-        return point, np.stack([nan, nan])
-    import warnings
-
-    with warnings.catch_warnings():  # arch warns about rliable's RandomState argument
-        warnings.simplefilter("ignore", FutureWarning)
-        pts, cis = rly.get_interval_estimates({"x": scores}, func, reps=reps,
-                                              random_state=np.random.RandomState(seed))
-    return pts["x"], cis["x"]
 
 
 def _fmt_lr(lr: float) -> str:

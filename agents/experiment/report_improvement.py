@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .report_stats import interval
+
 SCORES = ("auc", "final")
 PAIR = ["env", "agent", "lr", "variant"]
 
@@ -61,21 +63,12 @@ def improvement_table(df, challenger: str, reps: int, seed: int):
 
 def _interval(score: str, xs: list[np.ndarray], ys: list[np.ndarray], reps: int, seed: int) -> dict:
     """``poi_<score>`` and its 95% CI for tasks given as per-task run arrays of each arm."""
-    import warnings
-
-    from rliable import library as rly
     from rliable import metrics
 
     X, Y = np.stack(xs, axis=1), np.stack(ys, axis=1)  # (runs, tasks)
-    point = float(metrics.probability_of_improvement(X, Y))
-    lo = hi = np.nan
-    if reps > 0 and (len(X) > 1 or len(Y) > 1):
-        with warnings.catch_warnings():  # arch warns about rliable's RandomState argument
-            warnings.simplefilter("ignore", FutureWarning)
-            _, cis = rly.get_interval_estimates({"pair": (X, Y)}, metrics.probability_of_improvement,
-                                                reps=reps, random_state=np.random.RandomState(seed))
-        lo, hi = float(np.ravel(cis["pair"])[0]), float(np.ravel(cis["pair"])[1])
-    return {f"poi_{score}": point, f"poi_{score}_lo": lo, f"poi_{score}_hi": hi}
+    point, ci = interval((X, Y), metrics.probability_of_improvement, reps, seed)
+    lo, hi = np.ravel(ci)
+    return {f"poi_{score}": float(point), f"poi_{score}_lo": float(lo), f"poi_{score}_hi": float(hi)}
 
 
 def improvement_markdown(table) -> str:

@@ -9,7 +9,8 @@ import torch
 
 from hesscale.optim import AdaHesScale, MissingCurvatureError
 
-from optim_helpers import assert_rewound_optimizer_continues_identically, both_paths, draw  # noqa: F401
+from optim_helpers import (assert_rewound_optimizer_continues_identically, assert_steps_in_lockstep,  # noqa: F401
+                           both_paths, draw)
 from optim_helpers import make_params as _make_params
 
 SHAPES = [(3, 4), (4,), (2, 3)]
@@ -226,14 +227,7 @@ def test_state_dict_round_trip_continues_bit_identically(variant):
     opt2 = AdaHesScale([{"params": clones[:1]}, {"params": clones[1:]}], lr=1.0, variant="sqrt")
     opt2.load_state_dict(torch.load(buf, weights_only=True))
     assert opt2.param_groups[1]["lr"] == 0.3 and opt2.param_groups[0]["variant"] == variant
-    for _ in range(3):
-        gs, hs = draw(params, gen)
-        for c, g, h in zip(clones, gs, hs):
-            c.grad, c.hess_diag = g.clone(), h.clone()
-        opt.step()
-        opt2.step()
-        for p, c in zip(params, clones):
-            assert torch.equal(p.detach(), c.detach())
+    assert_steps_in_lockstep(opt, params, opt2, clones, gen, 3)
 
 
 @pytest.mark.usefixtures("both_paths")

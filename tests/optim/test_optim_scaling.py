@@ -9,7 +9,8 @@ from stable_baselines3.common.utils import update_learning_rate
 
 from hesscale.optim import AdaHesScale, MissingCurvatureError, StepSizeScaling
 
-from optim_helpers import assert_rewound_optimizer_continues_identically, both_paths, draw  # noqa: F401
+from optim_helpers import (assert_rewound_optimizer_continues_identically, assert_steps_in_lockstep,  # noqa: F401
+                           both_paths, draw)
 from optim_helpers import make_params as _make_params
 
 SHAPES = [(3, 4), (4,), (2, 3), (3,)]
@@ -211,15 +212,7 @@ def test_state_dict_round_trip_continues_bit_identically(make):
     opt2 = StepSizeScaling(make([{"params": clones[:2], "name": "pi"}, {"params": clones[2:]}]))
     opt2.load_state_dict(torch.load(buf, weights_only=True))
     assert (opt2.delta, opt2.beta, opt2.skipped_steps) == (1e-5, 0.99, 0)
-    for _ in range(3):
-        gs, hs = draw(params, gen)
-        for c, g, h in zip(clones, gs, hs):
-            c.grad, c.hess_diag = g.clone(), h.clone()
-        opt.step()
-        opt2.step()
-        assert opt.last_scales == opt2.last_scales
-        for p, c in zip(params, clones):
-            assert torch.equal(p.detach(), c.detach())
+    assert_steps_in_lockstep(opt, params, opt2, clones, gen, 3, same=lambda a, b: a.last_scales == b.last_scales)
 
 
 def test_sb3_update_learning_rate_reaches_the_wrapped_optimizer():
