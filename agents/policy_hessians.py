@@ -71,20 +71,19 @@ def gsde_log_prob_hessians(
     return h_mean, h_log_std
 
 
-def ppo_surrogate_dl(advantages: th.Tensor, ratio: th.Tensor, clip_range: float) -> th.Tensor:
-    """``∂ℓ_n/∂log π_n`` (= ``∂²ℓ_n/∂log π_n²``) of ``ℓ = −mean min(A·r, A·clip(r))``.
+def ppo_surrogate_dl(unclipped: th.Tensor, clipped: th.Tensor, ratio: th.Tensor, clip_range: float) -> th.Tensor:
+    """``∂ℓ_n/∂log π_n`` (= ``∂²ℓ_n/∂log π_n²``) of ``ℓ = −mean min(A·r, A·clip(r))``, from the loss's
+    own ``unclipped = A·r`` and ``clipped = A·clip(r)``.
 
     Piecewise as autograd differentiates it: ``torch.min`` splits the gradient half-half on ties,
-    ``clamp`` passes it inside ``[1 − ε, 1 + ε]`` (bounds included).
+    ``clamp`` passes it inside ``[1 − ε, 1 + ε]`` (bounds included). So the factor on ``A·r`` is 1
+    where ``A·r < A·clip(r)``, 0 where it is larger, and on a tie 1 inside the clip range, ½ outside.
     """
     with th.no_grad():
-        x = advantages * ratio
-        y = advantages * th.clamp(ratio, 1 - clip_range, 1 + clip_range)
-        half = th.full_like(x, 0.5)
-        gx = th.where(x == y, half, (x < y).to(x.dtype))
-        gy = th.where(x == y, half, (y < x).to(x.dtype))
-        inside = ((ratio >= 1 - clip_range) & (ratio <= 1 + clip_range)).to(x.dtype)
-        return -(gx + gy * inside) * advantages * ratio / ratio.numel()
+        x = unclipped.detach()
+        inside = ratio == th.clamp(ratio, 1 - clip_range, 1 + clip_range)
+        factor = th.where(x == clipped, inside.to(x.dtype).add_(1).mul_(0.5), (x < clipped).to(x.dtype))
+        return factor.mul_(x).div_(-ratio.numel())
 
 
 def value_mse_hessian(

@@ -95,7 +95,7 @@ class PPO(OnPolicyCurvatureMixin, SB3PPO):
                 # Optimization step: gradient + curvature + (scaled) step, one shared implementation.
                 closed_forms = {}
                 if heads is not None:
-                    dl = ppo_surrogate_dl(advantages, ratio, clip_range)
+                    dl = ppo_surrogate_dl(policy_loss_1, policy_loss_2, ratio, clip_range)
                     value_h = value_mse_hessian(
                         heads[1], self.vf_coef, rollout_data.old_values, None if self.clip_range_vf is None else clip_range_vf
                     )

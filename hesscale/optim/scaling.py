@@ -125,9 +125,11 @@ class StepSizeScaling(torch.optim.Optimizer):
 
     # -- the torch optimizer interface ----------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """``zero_grad`` of the wrapped optimizer, and ``hess_diag`` cleared too."""
+        """``zero_grad`` of the wrapped optimizer, and ``hess_diag`` cleared too (by the wrapped
+        optimizer itself when it is a curvature optimizer)."""
         self.optimizer.zero_grad(set_to_none)
-        clear_hess_diag(self.param_groups)
+        if not isinstance(self.optimizer, CurvatureOptimizer):
+            clear_hess_diag(self.param_groups)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -143,18 +143,31 @@ ACTIVATIONS: dict[type[nn.Module], tuple[Derivative, Optional[Derivative]]] = {
 }
 
 
+def _one(y: Tensor) -> Tensor:
+    """A 0-d one of ``y``'s dtype and device (``addcmul(one, y, y, value=-1)`` is ``1 − y²`` in one
+    op; a Python scalar operand costs about as much as a second op)."""
+    key = (y.dtype, y.device)
+    one = _ONES.get(key)
+    if one is None:
+        one = _ONES[key] = torch.ones((), dtype=y.dtype, device=y.device)
+    return one
+
+
+_ONES: dict = {}
+
+
 def _tanh_pair(m, x, y, g, d, gauss_newton):
     """``s = 1 − y²``: ``(s·g, s·(s·d − 2y·g))`` (GN: ``s²·d``)."""
-    s = 1 - y.square()
+    s = torch.addcmul(_one(y), y, y, value=-1)
     t = s * d
-    return s * g, (t if gauss_newton else torch.addcmul(t, y, g, value=-2)) * s
+    return s * g, (t if gauss_newton else torch.addcmul(t, y, g, value=-2)).mul_(s)
 
 
 def _sigmoid_pair(m, x, y, g, d, gauss_newton):
     """``s = y(1 − y)``: ``(s·g, s·(s·d + (1 − 2y)·g))`` (GN: ``s²·d``)."""
-    s = y - y.square()
+    s = torch.addcmul(y, y, y, value=-1)
     t = s * d
-    return s * g, (t if gauss_newton else torch.addcmul(t, 1 - 2 * y, g)) * s
+    return s * g, (t if gauss_newton else torch.addcmul(t, torch.add(_one(y), y, alpha=-2), g)).mul_(s)
 
 
 def _relu_pair(m, x, y, g, d, gauss_newton):

@@ -351,3 +351,23 @@ def test_clipping_scales_the_gradient_and_the_curvature_by_one_factor():
         assert b.abs().max() > 0
     g_inf, h_inf = grads_and_curvature(float("inf"))  # the switched-off threshold: untouched
     assert all(th.equal(a, b) for a, b in zip(g_inf + h_inf, g + h))
+
+
+def test_ppo_surrogate_dl_equals_autograd_on_ties_and_clip_bounds():
+    """``ppo_surrogate_dl`` is autograd's ∂ℓ/∂log π of PPO's clipped surrogate, entry by entry: ratios
+    inside, outside and on the clip bounds (ties: factor 1), zero advantages (ties outside the range)."""
+    from agents.policy_hessians import ppo_surrogate_dl
+
+    clip = 0.2
+    th.manual_seed(0)
+    log_ratio = th.cat([th.randn(40, dtype=th.float64) * 0.3,
+                        th.log(th.tensor([0.8, 1.2, 1.0, 0.5, 1.7], dtype=th.float64))])
+    advantages = th.cat([th.randn(40, dtype=th.float64), th.tensor([1.5, -2.0, 0.7, 0.0, 0.0], dtype=th.float64)])
+    log_prob = log_ratio.clone().requires_grad_(True)
+    ratio = th.exp(log_prob)
+    unclipped = advantages * ratio
+    clipped = advantages * th.clamp(ratio, 1 - clip, 1 + clip)
+    loss = -th.min(unclipped, clipped).mean()
+    (expected,) = th.autograd.grad(loss, log_prob)
+    assert (unclipped == clipped).sum() >= 5  # ties inside the range, on its bounds and outside it
+    th.testing.assert_close(ppo_surrogate_dl(unclipped, clipped, ratio, clip), expected, rtol=1e-14, atol=0)
