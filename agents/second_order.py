@@ -52,6 +52,22 @@ def named_in(root: nn.Module, modules: Iterable[nn.Module]) -> dict[str, nn.Modu
     return {paths[id(m)]: m for m in modules}
 
 
+#: up to this many entries the diagnostics concatenate a group's ĥ (fewer launches); above, they
+#: reduce each tensor (no copy of ĥ per step)
+_CAT_LIMIT = 1 << 16
+
+
+def _mean_and_max(tensors: list[th.Tensor]) -> tuple[th.Tensor, th.Tensor]:
+    """Mean and max over all entries of ``tensors`` (0-d tensors, no host sync)."""
+    if len(tensors) == 1:
+        return tensors[0].mean(), tensors[0].max()
+    numel = sum(t.numel() for t in tensors)
+    if numel <= _CAT_LIMIT:
+        flat = th.cat([t.reshape(-1) for t in tensors])
+        return flat.mean(), flat.max()
+    return th.stack([t.sum() for t in tensors]).sum() / numel, th.stack(th._foreach_max(tensors)).max()
+
+
 class CurvatureUpdate:
     """Gradient + Hessian diagonal + optimizer step for the parameters of one optimizer.
 
@@ -205,11 +221,10 @@ class CurvatureUpdate:
                 if key in scales:
                     self._scale_sum[name] += float(scales[key])
                     self._scale_n[name] += 1
-            hs = [h.reshape(-1) for p in group["params"] if (h := getattr(p, "hess_diag", None)) is not None]
+            hs = [h for p in group["params"] if (h := getattr(p, "hess_diag", None)) is not None]
             if hs:
-                flat = th.cat(hs) if len(hs) > 1 else hs[0]
-                self._h_mean_sum[name] = self._h_mean_sum[name] + flat.mean()
-                top = flat.max()
+                mean, top = _mean_and_max(hs)
+                self._h_mean_sum[name] = self._h_mean_sum[name] + mean
                 self._h_max[name] = top if self._h_max[name] is None else th.maximum(self._h_max[name], top)
                 self._h_n[name] += 1
 

@@ -171,9 +171,8 @@ def _sigmoid_pair(m, x, y, g, d, gauss_newton):
 
 
 def _relu_pair(m, x, y, g, d, gauss_newton):
-    """``mask = x > 0``: ``(mask·g, mask·d)``."""
-    mask = x > 0
-    return g * mask, d * mask
+    """``mask = x > 0``: ``(mask·g, mask·d)``, by autograd's own ReLU kernel (no float mask made)."""
+    return torch.ops.aten.threshold_backward(g, x, 0), torch.ops.aten.threshold_backward(d, x, 0)
 
 
 #: module type → the fused ``(g_in, d_in)`` of the commonest activations, in the fewest ops

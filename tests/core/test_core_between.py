@@ -137,4 +137,4 @@ def test_sac_image_critic_concatenation_takes_the_sweep(policy):
         warnings.simplefilter("error", UserWarning)
         model.learn(10)
     cap = model._updates["critic"]._capture
-    assert not cap.outside_ops and "fused" in cap.routes.values() and "autograd" in cap.routes.values()
+    assert not cap.outside_ops and set(cap.routes.values()) == {"fused"}  # NatureCNN's convolutions too

@@ -75,8 +75,9 @@ def test_closed_form_output_hessians_agree(float64):
     _assert_routes_agree(model, loss_of)
 
 
+@pytest.mark.parametrize("per_sample", [True, False])
 @pytest.mark.parametrize("name", [*CONV_CHAINS, *RESHAPE_AND_POOL_CHAINS])
-def test_conv_pool_reshape_chains_agree(float64, name):
+def test_conv_pool_reshape_chains_agree(float64, name, per_sample):
     torch.manual_seed(8)
     if name in CONV_CHAINS:
         model = CONV_CHAINS[name]()
@@ -85,8 +86,9 @@ def test_conv_pool_reshape_chains_agree(float64, name):
         build, shape = RESHAPE_AND_POOL_CHAINS[name]
         model, x = build(), torch.randn(*shape)
     y = torch.randint(0, 3, (x.shape[0],))
-    cap = _assert_routes_agree(model, lambda m: (nn.functional.cross_entropy(m(x), y), None), per_sample=True)
-    assert cap.routes[str(len(model) - 1)] == "fused"  # the last Linear
+    cap = _assert_routes_agree(model, lambda m: (nn.functional.cross_entropy(m(x), y), None), per_sample=per_sample)
+    convs = [str(i) for i, m in enumerate(model) if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+    assert all(cap.routes[i] == "fused" for i in [*convs, str(len(model) - 1)])  # convolutions, the last Linear
 
 
 @pytest.mark.parametrize("train", [True, False])

@@ -80,6 +80,10 @@ CONV_CHAINS = {
         nn.Conv1d(2, 3, 3, stride=2, padding=1), nn.ELU(), nn.Conv1d(3, 2, 2, padding="valid"),
         nn.Flatten(), nn.Linear(2 * 2, 3),
     ),
+    "conv2d_no_bias_strided": lambda: nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, bias=False), nn.ReLU(), nn.Conv2d(3, 2, 3, padding="same", dilation=1),
+        nn.Flatten(), nn.Linear(2 * 2 * 2, 3),
+    ),
 }
 
 

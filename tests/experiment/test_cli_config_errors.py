@@ -67,6 +67,8 @@ def test_run_directory_is_printed_first_and_names_the_tensorboard_run(tmp_path: 
     multi = _train(["agent=ppo", "opt=adam,sgd", *TINY, "hydra.launcher.n_jobs=2"], tmp_path / "m", "-m")
     assert multi.returncode == 0, multi.stderr
     starts = sorted(line for line in multi.stdout.splitlines() if line.startswith("[run] "))
-    assert [s.split(" -> ")[0] for s in starts] == ["[run] ppo/adam/pendulum seed=0", "[run] ppo/sgd/pendulum seed=0"]
+    assert [s.split(" -> ")[0] for s in starts] == ["[run] ppo/adam/pendulum seed=0", "[run] ppo/sgd/pendulum seed=0"], (
+        multi.stdout + multi.stderr
+    )
     for s in starts:
         assert (Path(s.split(" -> ")[1]) / "result.json").is_file()
