@@ -13,6 +13,7 @@ lower = slower) and their medians.
     python scripts/bench_agents.py --reps 5 --algos ppo  # more repetitions, one algorithm
 
     python scripts/bench_agents.py --algos ppo_cnn sac_cnn  # NatureCNN on 84×84 fake images
+    python scripts/bench_agents.py --algos sac_her          # HER, MultiInputPolicy, 36×36 image goals
 
 Writes ``docs/results/bench_agents.json`` and ``docs/results/bench_agents.png``. Beside each
 training-phase ratio it prints the **floor** ``(T(first-order train) + T(extra matmuls and
@@ -56,21 +57,39 @@ ARMS = {
 }
 ARMS["ppo_cnn"] = ARMS["ppo"]
 ARMS["sac_cnn"] = {"first_order": None, "scaled_adahesscale_gn": ARMS["sac"]["scaled_adahesscale_gn"]}
-CLASSES = {"ppo": agents.PPO, "a2c": agents.A2C, "sac": agents.SAC, "ppo_cnn": agents.PPO, "sac_cnn": agents.SAC}
+ARMS["sac_her"] = ARMS["sac_cnn"]
+CLASSES = {"ppo": agents.PPO, "a2c": agents.A2C, "sac": agents.SAC, "ppo_cnn": agents.PPO, "sac_cnn": agents.SAC,
+           "sac_her": agents.SAC}
+POLICIES = {"ppo_cnn": "CnnPolicy", "sac_cnn": "CnnPolicy", "sac_her": "MultiInputPolicy"}
 #: extra keyword arguments per algorithm (the CNN arms: small rollouts, NatureCNN is slow on a CPU)
 EXTRA = {
     "sac": dict(learning_starts=100),
     "ppo_cnn": dict(n_steps=256, batch_size=64, n_epochs=2),
     "sac_cnn": dict(learning_starts=100, batch_size=64, buffer_size=1000),
+    # SB3's own HER test with image observations (tests/test_her.py), where the critic's
+    # th.cat([features, actions]) once cost one Hessian-vector product per feature (31x Adam)
+    "sac_her": dict(learning_starts=100, batch_size=64, buffer_size=1000, policy_kwargs=dict(net_arch=[64])),
 }
 
 
 def _env(algo: str, env_id: str):
+    if algo == "sac_her":
+        from stable_baselines3.common.envs import BitFlippingEnv
+
+        return BitFlippingEnv(n_bits=10, continuous=True, image_obs_space=True)
     if not algo.endswith("_cnn"):
         return env_id
     from stable_baselines3.common.envs import FakeImageEnv
 
     return FakeImageEnv(action_dim=6, discrete=algo.startswith("ppo"))
+
+
+def _extra(algo: str) -> dict:
+    if algo != "sac_her":
+        return EXTRA.get(algo, {})
+    from stable_baselines3 import HerReplayBuffer
+
+    return {**EXTRA[algo], "replay_buffer_class": HerReplayBuffer}
 
 
 class ExtraProducts:
@@ -120,9 +139,8 @@ class ExtraProducts:
 
 
 def one_run(algo: str, optimizer, env_id: str, steps: int, seed: int) -> dict:
-    kwargs = dict(seed=seed, device="cpu", optimizer=optimizer, **EXTRA.get(algo, {}))
-    policy = "CnnPolicy" if algo.endswith("_cnn") else "MlpPolicy"
-    model = CLASSES[algo](policy, _env(algo, env_id), **kwargs)
+    kwargs = dict(seed=seed, device="cpu", optimizer=optimizer, **_extra(algo))
+    model = CLASSES[algo](POLICIES.get(algo, "MlpPolicy"), _env(algo, env_id), **kwargs)
     train_time = [0.0]
     inner = model.train
 
@@ -152,16 +170,17 @@ def main() -> None:
     parser.add_argument("--sac-steps", type=int, default=600, help="500 gradient steps after learning_starts=100")
     parser.add_argument("--ppo-cnn-steps", type=int, default=512, help="2 rollouts of n_steps=256 (CnnPolicy)")
     parser.add_argument("--sac-cnn-steps", type=int, default=130, help="30 gradient steps (CnnPolicy, batch 64)")
+    parser.add_argument("--sac-her-steps", type=int, default=200, help="100 gradient steps (HER, batch 64)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "bench_agents.json"))
     args = parser.parse_args()
     th.set_num_threads(1)
     steps = {"ppo": args.ppo_steps, "a2c": args.a2c_steps, "sac": args.sac_steps,
-             "ppo_cnn": args.ppo_cnn_steps, "sac_cnn": args.sac_cnn_steps}
+             "ppo_cnn": args.ppo_cnn_steps, "sac_cnn": args.sac_cnn_steps, "sac_her": args.sac_her_steps}
 
     # warm-up (imports, MuJoCo, allocator) — not measured
     for algo in args.algos:
         for opt in ARMS[algo].values():
-            one_run(algo, opt, args.env, {"ppo": 128, "a2c": 50, "sac": 130, "ppo_cnn": 256, "sac_cnn": 102}[algo], 0)
+            one_run(algo, opt, args.env, {"ppo": 128, "a2c": 50, "sac": 130, "ppo_cnn": 256, "sac_cnn": 102, "sac_her": 110}[algo], 0)
 
     results: dict = {}
     for algo in args.algos:
