@@ -191,9 +191,10 @@ class CurvatureUpdate:
         if not self.create_graph:
             total = th.nn.utils.clip_grad_norm_(self.clip_params, self.max_grad_norm)
             coef = th.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
-            for p in self.clip_params:  # out of place: a closed form may hand one tensor to several
-                if getattr(p, "hess_diag", None) is not None:
-                    p.hess_diag = p.hess_diag.detach() * coef
+            owners = [p for p in self.clip_params if getattr(p, "hess_diag", None) is not None]
+            # out of place (a closed form may hand one tensor to several), in one launch
+            for p, h in zip(owners, th._foreach_mul([p.hess_diag.detach() for p in owners], coef)):
+                p.hess_diag = h
             return
         # Gradients that carry a graph must be scaled out of place (AdaHessian differentiates them).
         grads = [p.grad for p in self.clip_params if p.grad is not None]
