@@ -45,7 +45,8 @@ def fused_sweep(
     """Walk ``calls`` backwards from the outside parts ``g_acc[i]``, ``d_acc[i]`` (``None``: none).
 
     Returns ``({param: ∂L/∂θ}, {param: ĥ})`` (``ĥ`` per sample when ``per_sample``); records each
-    call's route in ``routes`` (path → ``"fused"`` / ``"autograd"``).
+    call's route in ``routes`` (path → ``"fused"`` / ``"autograd"``). Consumes ``g_acc`` and
+    ``d_acc``: each call's entries are released once read, as autograd frees its gradient buffers.
     """
     grads: dict[nn.Parameter, Tensor] = {}
     hess: dict[nn.Parameter, Tensor] = {}
@@ -57,6 +58,7 @@ def fused_sweep(
     with torch.no_grad():
         for i in reversed(range(len(calls))):
             g_out, d_out = g_acc[i], d_acc[i]
+            g_acc[i] = d_acc[i] = None  # freed once used, as autograd frees its buffers
             if g_out is None and d_out is None:
                 continue
             call = calls[i]
