@@ -60,6 +60,8 @@ def explain(ex: BaseException) -> str | None:
         return f"{ex}{cause}".strip()
     if isinstance(ex, (OverrideParseException, OmegaConfBaseException)):
         return str(ex).strip()
+    if isinstance(ex, ValueError) and str(ex).startswith("Only one of --run, --multirun"):
+        return f"{ex} (to see one run of a sweep, drop -m and give that run's values: --cfg job agent=a2c ...)"
     return None
 
 

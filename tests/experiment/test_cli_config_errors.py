@@ -34,9 +34,10 @@ def _train(args, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
     (["opt.lr=["], "no viable alternative at input '['"),
     (["+opt.scalng.delta=1e-4"], "opt.scalng.delta: unknown key (did you mean opt.scaling.delta?)"),  # Hydra's hint
     (["opt.lr=0"], "opt.lr=0"),  # a value error, found by validation after composition
+    (["--cfg", "job", "opt=adam,sgd"], "Only one of --run, --multirun, --cfg"),  # with -m
 ])
 def test_every_config_error_exits_2_with_one_message(args, expected, tmp_path: Path):
-    p = _train(args, tmp_path, *(["-m"] if "," in args[0] else []))
+    p = _train(args, tmp_path, *(["-m"] if "," in args[-1] else []))
     assert p.returncode == 2, p.stderr
     assert expected in p.stderr and "Traceback" not in p.stderr
     assert "HYDRA_FULL_ERROR" not in p.stderr
