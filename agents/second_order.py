@@ -192,8 +192,9 @@ class CurvatureUpdate:
             total = th.nn.utils.clip_grad_norm_(self.clip_params, self.max_grad_norm)
             coef = th.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
             owners = [p for p in self.clip_params if getattr(p, "hess_diag", None) is not None]
-            # out of place (a closed form may hand one tensor to several), in one launch
-            for p, h in zip(owners, th._foreach_mul([p.hess_diag.detach() for p in owners], coef)):
+            with th.no_grad():  # out of place (a closed form may hand one tensor to several), one launch
+                scaled = th._foreach_mul([p.hess_diag for p in owners], coef)
+            for p, h in zip(owners, scaled):
                 p.hess_diag = h
             return
         # Gradients that carry a graph must be scaled out of place (AdaHessian differentiates them).

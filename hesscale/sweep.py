@@ -333,7 +333,9 @@ class capture:
         module_grads, module_hess = fused_sweep(
             calls, g_acc, d_acc, self.method == "hesscale_gn", self.per_sample, self.routes
         )
-        for p, g in [*module_grads.items(), *zip(leaf + external, grads[n:])]:
+        for p, g in module_grads.items():  # made under no_grad
+            _accumulate_grad(p, g)
+        for p, g in zip(leaf + external, grads[n:]):
             if g is not None:
                 _accumulate_grad(p, g.detach())
         return module_hess, leaf_hess

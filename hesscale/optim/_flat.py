@@ -113,13 +113,20 @@ class Chunk:
             buf = self.buffers[name] = make(n, device=first.device, dtype=first.dtype)
         return buf
 
+    def halves(self) -> tuple[Tensor, Tensor]:
+        """The ``g`` and ``ĥ`` halves of ``gh`` as flat views (made once)."""
+        if "halves" not in self.views:
+            gh, n = self.buffer("gh"), self.numel
+            self.views["halves"] = [gh[:n], gh[n:]]
+        g, h = self.views["halves"]
+        return g, h
+
     def views_of(self, name: str) -> list[Tensor]:
         """Per-parameter views (shaped like the params) into the flat buffer ``name`` ("g", "h": the
         halves of ``gh``); made once."""
         if name not in self.views:
             if name in ("g", "h"):
-                n = self.numel
-                flat = self.buffer("gh")[:n] if name == "g" else self.buffer("gh")[n:]
+                flat = self.halves()[0 if name == "g" else 1]
             else:
                 flat = self.buffer(name)
             self.views[name] = param_views(self.params, flat)
@@ -155,8 +162,8 @@ def flatten_into(chunk: Chunk, name: str, tensors: list[Tensor]) -> Tensor:
 
 
 def gather_gh(chunk: Chunk, grads: list[Tensor], hess: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """``g`` and ``ĥ`` of a small chunk copied side by side into ``gh`` (one launch): (gh, g, ĥ)."""
-    gh = chunk.buffer("gh")
-    torch.cat([t.reshape(-1) for t in grads] + [t.reshape(-1) for t in hess], out=gh)
-    n = gh.numel() // 2
-    return gh, gh[:n], gh[n:]
+    """``g`` and ``ĥ`` of a small chunk copied side by side into ``gh`` (one launch into the cached
+    per-param views, no reshapes): (gh, g, ĥ)."""
+    torch._foreach_copy_(chunk.views_of("g") + chunk.views_of("h"), grads + hess)
+    g, h = chunk.halves()
+    return chunk.buffer("gh"), g, h

@@ -67,7 +67,7 @@ def fused_step(scaler: Scaler, rule: Rule, plans: list[tuple[list[int], list[Ten
             continue
         params = plan[1]
         (chunk,) = scaler._chunks_for(gi, params)
-        grads = [p.grad.detach() for p in params]
+        grads = [p.grad for p in params]  # read under no_grad (step's decorator): no detach needed
         g = h = None
         if chunk.small:
             gh, g, h = gather_gh(chunk, grads, hess[gi])
