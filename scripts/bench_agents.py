@@ -42,6 +42,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import agents  # noqa: E402
+from stable_baselines3 import HerReplayBuffer  # noqa: E402
+from stable_baselines3.common.envs import BitFlippingEnv, FakeImageEnv  # noqa: E402
 import hesscale.sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,28 +70,17 @@ EXTRA = {
     "sac_cnn": dict(learning_starts=100, batch_size=64, buffer_size=1000),
     # SB3's own HER test with image observations (tests/test_her.py), where the critic's
     # th.cat([features, actions]) once cost one Hessian-vector product per feature (31x Adam)
-    "sac_her": dict(learning_starts=100, batch_size=64, buffer_size=1000, policy_kwargs=dict(net_arch=[64])),
+    "sac_her": dict(learning_starts=100, batch_size=64, buffer_size=1000, policy_kwargs=dict(net_arch=[64]),
+                    replay_buffer_class=HerReplayBuffer),
 }
 
 
 def _env(algo: str, env_id: str):
     if algo == "sac_her":
-        from stable_baselines3.common.envs import BitFlippingEnv
-
         return BitFlippingEnv(n_bits=10, continuous=True, image_obs_space=True)
     if not algo.endswith("_cnn"):
         return env_id
-    from stable_baselines3.common.envs import FakeImageEnv
-
     return FakeImageEnv(action_dim=6, discrete=algo.startswith("ppo"))
-
-
-def _extra(algo: str) -> dict:
-    if algo != "sac_her":
-        return EXTRA.get(algo, {})
-    from stable_baselines3 import HerReplayBuffer
-
-    return {**EXTRA[algo], "replay_buffer_class": HerReplayBuffer}
 
 
 class ExtraProducts:
@@ -139,7 +130,7 @@ class ExtraProducts:
 
 
 def one_run(algo: str, optimizer, env_id: str, steps: int, seed: int) -> dict:
-    kwargs = dict(seed=seed, device="cpu", optimizer=optimizer, **_extra(algo))
+    kwargs = dict(seed=seed, device="cpu", optimizer=optimizer, **EXTRA.get(algo, {}))
     model = CLASSES[algo](POLICIES.get(algo, "MlpPolicy"), _env(algo, env_id), **kwargs)
     train_time = [0.0]
     inner = model.train

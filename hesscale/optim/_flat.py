@@ -91,6 +91,7 @@ class Chunk:
     positions: list[int]  # index of each param in the list of the group's stepping params
     buffers: dict[str, Tensor] = field(default_factory=dict)
     views: dict[str, list[Tensor]] = field(default_factory=dict)
+    _halves: tuple[Tensor, Tensor] | None = None
 
     @property
     def numel(self) -> int:
@@ -115,11 +116,10 @@ class Chunk:
 
     def halves(self) -> tuple[Tensor, Tensor]:
         """The ``g`` and ``ĥ`` halves of ``gh`` as flat views (made once)."""
-        if "halves" not in self.views:
+        if self._halves is None:
             gh, n = self.buffer("gh"), self.numel
-            self.views["halves"] = [gh[:n], gh[n:]]
-        g, h = self.views["halves"]
-        return g, h
+            self._halves = (gh[:n], gh[n:])
+        return self._halves
 
     def views_of(self, name: str) -> list[Tensor]:
         """Per-parameter views (shaped like the params) into the flat buffer ``name`` ("g", "h": the
