@@ -56,7 +56,7 @@ class A2C(OnPolicyCurvatureMixin, SB3A2C):
             closed_forms = {}
             if heads is not None:
                 dl = -advantages / advantages.numel()
-                closed_forms = self._head_hessians(heads, actions, dl, th.zeros_like(dl), value_mse_hessian(heads[1], self.vf_coef))
+                closed_forms = self._head_hessians(heads, actions, dl, None, value_mse_hessian(heads[1], self.vf_coef))
             update.step(cap, loss, **closed_forms)
 
         explained_var = explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten())

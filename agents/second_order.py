@@ -33,6 +33,7 @@ updates), and ``skipped_steps`` (the optimizer's count of skipped group steps).
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch as th
@@ -52,20 +53,62 @@ def named_in(root: nn.Module, modules: Iterable[nn.Module]) -> dict[str, nn.Modu
     return {paths[id(m)]: m for m in modules}
 
 
-#: up to this many entries the diagnostics concatenate a group's ĥ (fewer launches); above, they
-#: reduce each tensor (no copy of ĥ per step)
-_CAT_LIMIT = 1 << 16
+class _CurvatureStats:
+    """Running ĥ diagnostics per param group: the mean over a group's entries averaged over the
+    updates, and the max over entries and updates.
 
+    Per update, for all groups at once: one copy of every ĥ into a flat vector and two in-place
+    ops (``Σ_t ĥ_t`` and ``max_t ĥ_t`` entry-wise, no host sync; on CPU a ``_foreach`` op is a loop
+    of per-tensor ops, so flat buffers are cheaper); the reductions over entries run once, in
+    :meth:`flush`. A group's mean is ``Σ_t mean(ĥ_t) = Σ(Σ_t ĥ_t) / numel`` while the same
+    parameters carry ĥ; when that set changes, the buffers are reduced first.
+    """
 
-def _mean_and_max(tensors: list[th.Tensor]) -> tuple[th.Tensor, th.Tensor]:
-    """Mean and max over all entries of ``tensors`` (0-d tensors, no host sync)."""
-    if len(tensors) == 1:
-        return tensors[0].mean(), tensors[0].max()
-    numel = sum(t.numel() for t in tensors)
-    if numel <= _CAT_LIMIT:
-        flat = th.cat([t.reshape(-1) for t in tensors])
-        return flat.mean(), flat.max()
-    return th.stack([t.sum() for t in tensors]).sum() / numel, th.stack(th._foreach_max(tensors)).max()
+    def __init__(self, group_names: list[str]) -> None:
+        self.group_names = group_names
+        self.reset()
+
+    def reset(self) -> None:
+        self.mean_sum = {n: 0.0 for n in self.group_names}  # Σ over updates of the mean over entries
+        self.max: dict[str, th.Tensor | None] = {n: None for n in self.group_names}
+        self.count = {n: 0 for n in self.group_names}  # updates in which the group had any ĥ
+        self._key: tuple | None = None
+        self._sum: th.Tensor | None = None
+        self._max: th.Tensor | None = None
+        self._segments: list[tuple[str, int, int]] = []  # (group, first, end) entries of the buffers
+        self._updates = 0
+
+    def add(self, groups: list[tuple[str, list[th.Tensor]]]) -> None:
+        """One update: ``[(group name, params)]``; each param's ``hess_diag`` is read if it has one."""
+        present = [(name, [p for p in params if getattr(p, "hess_diag", None) is not None]) for name, params in groups]
+        hs = [p.hess_diag for _, params in present for p in params]
+        if not hs:
+            return
+        key = tuple((name, tuple(map(id, params))) for name, params in present)
+        if key != self._key:
+            self.flush()
+        flat = th.cat([h.reshape(-1) for h in hs]) if len(hs) > 1 else hs[0].reshape(-1)
+        if self._updates == 0:  # the buffers start as copies (ĥ may be read again by the caller)
+            self._key, self._sum, self._max = key, flat.clone(), flat.clone()
+            self._segments, first = [], 0
+            for name, params in present:
+                if params:
+                    end = first + sum(p.numel() for p in params)
+                    self._segments.append((name, first, end))
+                    first = end
+        else:
+            self._sum.add_(flat)
+            th.maximum(self._max, flat, out=self._max)
+        self._updates += 1
+
+    def flush(self) -> None:
+        """Reduce the buffers into the per-group figures."""
+        for name, first, end in self._segments if self._updates else ():
+            self.mean_sum[name] += float(self._sum[first:end].sum()) / (end - first)
+            top = self._max[first:end].max()
+            self.max[name] = top if self.max[name] is None else th.maximum(self.max[name], top)
+            self.count[name] += self._updates
+        self._key, self._sum, self._max, self._segments, self._updates = None, None, None, [], 0
 
 
 class CurvatureUpdate:
@@ -110,6 +153,7 @@ class CurvatureUpdate:
         # runtime-checkable Protocol checks are slow: once here, not per step
         self._reports_scales = isinstance(optimizer, ReportsStepScales)
         self._counts_skips = isinstance(optimizer, CountsSkippedSteps)
+        self._curvature_stats = _CurvatureStats(self.group_names)
         self._reset_stats()
 
     def check_modules(self) -> None:
@@ -155,8 +199,9 @@ class CurvatureUpdate:
         Raises :class:`~agents.divergence.Diverged` when the loss is non-finite (parameters
         untouched) or when the optimizer skipped a group for a non-finite gradient or curvature.
         """
-        if not bool(th.isfinite(loss.detach())):
-            raise Diverged(f"non-finite loss ({float(loss.detach())})")
+        value = loss.item()
+        if not math.isfinite(value):
+            raise Diverged(f"non-finite loss ({value})")
         self.optimizer.zero_grad()
         if self.create_graph:
             params = [p for p in self.params if p.requires_grad]
@@ -189,10 +234,19 @@ class CurvatureUpdate:
         ``ĥ`` comes from the clipped (graph-carrying) gradient, so it is scaled by c by construction.
         """
         if not self.create_graph:
-            total = th.nn.utils.clip_grad_norm_(self.clip_params, self.max_grad_norm)
-            coef = th.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
-            owners = [p for p in self.clip_params if getattr(p, "hess_diag", None) is not None]
-            with th.no_grad():  # out of place (a closed form may hand one tensor to several), one launch
+            grads = [p.grad for p in self.clip_params if p.grad is not None]
+            if not grads:
+                return
+            with th.no_grad():
+                if len({(g.device, g.dtype) for g in grads}) == 1:  # clip_grad_norm_'s ops, not its dispatch
+                    total = th.linalg.vector_norm(th.stack(th._foreach_norm(grads)))
+                    coef = th.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+                    th._foreach_mul_(grads, coef)
+                else:
+                    total = th.nn.utils.clip_grad_norm_(self.clip_params, self.max_grad_norm)
+                    coef = th.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+                owners = [p for p in self.clip_params if getattr(p, "hess_diag", None) is not None]
+                # out of place (a closed form may hand one tensor to several), one launch
                 scaled = th._foreach_mul([p.hess_diag for p in owners], coef)
             for p, h in zip(owners, scaled):
                 p.hess_diag = h
@@ -211,33 +265,30 @@ class CurvatureUpdate:
     def _reset_stats(self) -> None:
         self._scale_sum = {n: 0.0 for n in self.group_names}
         self._scale_n = {n: 0 for n in self.group_names}
-        self._h_mean_sum: dict[str, th.Tensor | float] = {n: 0.0 for n in self.group_names}
-        self._h_max: dict[str, th.Tensor | None] = {n: None for n in self.group_names}
-        self._h_n = {n: 0 for n in self.group_names}
+        self._curvature_stats.reset()
 
     def _record_step(self) -> None:
         scales = self.optimizer.last_scales if self._reports_scales else None
+        per_group = []
         for i, (name, group) in enumerate(zip(self.group_names, self.optimizer.param_groups)):
             if scales is not None:
                 key = group.get("name", i)
                 if key in scales:
                     self._scale_sum[name] += float(scales[key])
                     self._scale_n[name] += 1
-            hs = [h for p in group["params"] if (h := getattr(p, "hess_diag", None)) is not None]
-            if hs:
-                mean, top = _mean_and_max(hs)
-                self._h_mean_sum[name] = self._h_mean_sum[name] + mean
-                self._h_max[name] = top if self._h_max[name] is None else th.maximum(self._h_max[name], top)
-                self._h_n[name] += 1
+            per_group.append((name, group["params"]))
+        self._curvature_stats.add(per_group)
 
     def record(self, logger) -> None:
         """Write the diagnostics accumulated since the last call to SB3's ``logger``, then reset."""
+        stats = self._curvature_stats
+        stats.flush()
         for name in self.group_names:
             if self._scale_n[name]:
                 logger.record(f"train/step_scale/{name}", self._scale_sum[name] / self._scale_n[name])
-            if self._h_n[name]:
-                logger.record(f"train/hess_diag_mean/{name}", float(self._h_mean_sum[name]) / self._h_n[name])
-                logger.record(f"train/hess_diag_max/{name}", float(self._h_max[name]))
+            if stats.count[name]:
+                logger.record(f"train/hess_diag_mean/{name}", stats.mean_sum[name] / stats.count[name])
+                logger.record(f"train/hess_diag_max/{name}", float(stats.max[name]))
         self._reset_stats()
 
     @property

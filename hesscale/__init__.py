@@ -29,10 +29,15 @@ _EXPORTS = {
     "capture": ".sweep",
 }
 
+#: subpackages reachable as attributes after a bare ``import hesscale`` (``hesscale.optim.AdaHesScale``)
+_SUBPACKAGES = ("optim",)
+
 __all__ = ["SWEEP_METHODS", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)  # the import binds it in globals()
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
@@ -41,4 +46,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+    return sorted({*globals(), *_EXPORTS, *_SUBPACKAGES})

@@ -108,6 +108,15 @@ print("loaded:", sorted(m for m in ("torch", "stable_baselines3", "gymnasium") i
     assert "loaded: []" in p.stdout, p.stdout
 
 
+def test_the_public_subpackages_are_attributes_after_a_bare_import():
+    """``import hesscale`` then ``hesscale.optim.AdaHesScale`` (the README's spelling), in a fresh
+    interpreter where nothing else imported the subpackage first."""
+    code = "import hesscale; print(hesscale.optim.AdaHesScale.__name__, 'optim' in dir(hesscale))"
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["AdaHesScale", "True"]
+
+
 def _without_reference_test(type_names: list[str]) -> list[str]:
     """Those of ``type_names`` that no test comparing against an independent reference
     (``tests/reference.py``, BackPACK) builds as ``nn.<Type>(...)``."""

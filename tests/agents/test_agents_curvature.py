@@ -353,6 +353,71 @@ def test_clipping_scales_the_gradient_and_the_curvature_by_one_factor():
     assert all(th.equal(a, b) for a, b in zip(g_inf + h_inf, g + h))
 
 
+def test_curvature_diagnostics_are_the_per_update_means_and_the_max():
+    """``train/hess_diag_mean/<group>`` is the mean over the group's entries averaged over the updates
+    in which it had ĥ, ``hess_diag_max`` the max over entries and updates: checked against ĥ read
+    after each step, over updates in which the set of parameters with ĥ changes (head ``b`` unused)."""
+    th.manual_seed(0)
+    trunk, head_a, head_b = th.nn.Linear(3, 8), th.nn.Linear(8, 2), th.nn.Linear(8, 1)
+    groups = [{"name": "trunk", "params": list(trunk.parameters())},
+              {"name": "heads", "params": list(head_a.parameters()) + list(head_b.parameters())}]
+    opt = hesscale.optim.AdaHesScale(groups, lr=1e-2)
+    update = agents.second_order.CurvatureUpdate(opt, {"trunk": trunk, "a": head_a, "b": head_b})
+    seen = {"trunk": [], "heads": []}
+    for use_b in (True, True, False, True, False, False, True):
+        x = th.randn(16, 3)
+        with update.capture() as cap:
+            z = th.tanh(trunk(x))
+            loss = head_a(z).square().mean() + (head_b(z).exp().mean() if use_b else 0.0)
+        update.step(cap, loss)
+        for name, group in zip(seen, groups):
+            hs = [p.hess_diag.reshape(-1) for p in group["params"] if p.hess_diag is not None]
+            seen[name].append(th.cat(hs))
+        assert (head_b.weight.hess_diag is not None) == use_b
+    logged = {}
+    update.record(type("Logger", (), {"record": lambda self, k, v: logged.__setitem__(k, v)})())
+    for name, hs in seen.items():
+        assert logged[f"train/hess_diag_mean/{name}"] == pytest.approx(sum(float(h.mean()) for h in hs) / len(hs), rel=1e-5)
+        assert logged[f"train/hess_diag_max/{name}"] == float(th.cat(hs).max())
+    logged.clear()
+    update.record(type("Logger", (), {"record": lambda self, k, v: logged.__setitem__(k, v)})())
+    assert not any(k.startswith("train/hess_diag") for k in logged)  # reset by record()
+
+
+@pytest.mark.parametrize("case", ["general", "linear", "second_equals_first"])
+def test_gaussian_head_hessians_equal_autograd(case):
+    """``gaussian_log_prob_hessians`` against autograd's Hessian diagonal of
+    ``Σ_n ℓ_n(log π(a_n))`` with ``ℓ_n(z) = ℓ'_n (z − z0_n) + ½ ℓ''_n (z − z0_n)²`` (so ``ℓ'``, ``ℓ''``
+    at the point are the given ones), in float64: the general formula and both short routes
+    (``d2l=None`` for A2C's ``ℓ'' = 0``, ``d2l is dl`` for PPO's ``ℓ'' = ℓ'``)."""
+    from stable_baselines3.common.distributions import DiagGaussianDistribution
+
+    from agents.policy_hessians import gaussian_log_prob_hessians
+
+    g = th.Generator().manual_seed(1)
+    n, a = 7, 3
+    mean = th.randn(n, a, generator=g, dtype=th.float64)
+    log_std = th.randn(a, generator=g, dtype=th.float64) * 0.3
+    actions = th.randn(n, a, generator=g, dtype=th.float64)
+    dl = th.randn(n, generator=g, dtype=th.float64)
+    d2l = {"general": th.randn(n, generator=g, dtype=th.float64), "linear": None, "second_equals_first": dl}[case]
+
+    def log_prob(m, s):
+        return DiagGaussianDistribution(a).proba_distribution(m, s).log_prob(actions)
+
+    z0 = log_prob(mean, log_std).detach()
+
+    def loss(m, s):
+        z = log_prob(m, s) - z0
+        return (dl * z).sum() + (0.0 if d2l is None else 0.5 * (d2l * z * z).sum())
+
+    h_mean, h_log_std = gaussian_log_prob_hessians(mean, log_std, actions, dl, d2l)
+    rows = th.autograd.functional.hessian(lambda m: loss(m.reshape(n, a), log_std), mean.reshape(-1))
+    th.testing.assert_close(h_mean.reshape(-1), rows.diagonal(), rtol=1e-10, atol=1e-12)
+    full = th.autograd.functional.hessian(lambda s: loss(mean, s), log_std)
+    th.testing.assert_close(h_log_std, full.diagonal(), rtol=1e-10, atol=1e-12)
+
+
 def test_ppo_surrogate_dl_equals_autograd_on_ties_and_clip_bounds():
     """``ppo_surrogate_dl`` is autograd's ∂ℓ/∂log π of PPO's clipped surrogate, entry by entry: ratios
     inside, outside and on the clip bounds (ties: factor 1), zero advantages (ties outside the range)."""
