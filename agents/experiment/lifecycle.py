@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from agents.experiment.console import say
 from agents.experiment.results import (CONFIG_FILE, DONE, FINAL_EVAL_FILE, RESULT_FILE, RESULTS_FORMAT, RunStatus,
                                        now_iso, provenance, read_result, write_json)
 from agents.experiment.store import CheckpointStore, load_state
@@ -41,7 +42,7 @@ def open_run(c: dict, run_dir: Path) -> tuple[IO | None, dict | None]:
         why = stale_reason(run_dir, c, prev)
         if why is None:
             return None, {**prev, "skipped": True}
-        print(f"[stale] {run_dir}: {prev['status']}, but {why}; training it again", flush=True)
+        say(f"[stale] {run_dir}: {prev['status']}, but {why}; training it again")
     lock = _lock(run_dir)
     if lock is None:
         return None, {"status": RunStatus.LOCKED, "run_dir": str(run_dir), "skipped": True,
@@ -176,18 +177,18 @@ def _resume_point(c: dict, run_dir: Path, store: CheckpointStore) -> tuple[Path 
     if not c["checkpoint"]["resume"] or (prev and prev.get("status") in DONE):
         return None, None  # rerun=true of a finished run, or resuming switched off
     folder = store.verified_latest(
-        lambda msg: print(f"[resume] {run_dir}: {msg}", file=sys.stderr, flush=True))
+        lambda msg: say(f"[resume] {run_dir}: {msg}", sys.stderr))
     if folder is None:
         return None, None
     try:
         state = load_state(folder)
     except Exception as e:  # noqa: BLE001 - an unreadable checkpoint: start again
-        print(f"[resume] {run_dir}: checkpoint {folder.name} unreadable ({type(e).__name__}: {e}); "
-              "starting from scratch", file=sys.stderr, flush=True)
+        say(f"[resume] {run_dir}: checkpoint {folder.name} unreadable ({type(e).__name__}: {e}); "
+            "starting from scratch", sys.stderr)
         return None, None
     if state.get("identity") != identity(c):
-        print(f"[resume] {run_dir}: the checkpoint was written with a different configuration; "
-              "starting from scratch", file=sys.stderr, flush=True)
+        say(f"[resume] {run_dir}: the checkpoint was written with a different configuration; "
+            "starting from scratch", sys.stderr)
         return None, None
     return folder, state
 

@@ -20,6 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Mapping
 
+from agents.experiment.console import say
 from agents.experiment.errors import ConfigError
 from agents.experiment.lifecycle import Session, identity, open_run
 from agents.experiment.results import FINAL_EVAL_FILE, RESULT_FILE, RunStatus, eval_summary, now_iso, read_result, write_json
@@ -162,9 +163,8 @@ def _open_agent(session: Session):
         restore_last_obs(model, state["last_obs"], exact)
         logger = make_logger(run_dir / "tb", purge_step=session.start_step + 1,
                              csv_rows=state["logger"]["csv_rows"], stdout=stdout)
-        print(f"[resume] {run_dir}: resuming from the checkpoint at step {state['step']} "
-              f"of {c['total_timesteps']}" + ("" if exact else " (env state not captured: its episode "
-                                              "restarts)"), flush=True)
+        say(f"[resume] {run_dir}: resuming from the checkpoint at step {state['step']} "
+            f"of {c['total_timesteps']}" + ("" if exact else " (env state not captured: its episode restarts)"))
     model.set_logger(logger)
     eval_cb = eval_callback(c, eval_env, run_dir)
     if state is not None:
@@ -191,17 +191,17 @@ def main_task(cfg: Any) -> dict:
     from agents.experiment.preemption import preemption_requested
 
     if preemption_requested() is not None:  # Ctrl-C / a preemption before this job began: not started
-        print(f"[not started] {name}: interrupted before it began -> {run_dir}", flush=True)
+        say(f"[not started] {name}: interrupted before it began -> {run_dir}")
         if not multirun:
             raise SystemExit(128 + int(preemption_requested()))
         return {"status": RunStatus.RUNNING, "run_dir": str(run_dir), "skipped": True}
-    print(f"[run] {name} -> {run_dir}", flush=True)
+    say(f"[run] {name} -> {run_dir}")
     try:
         result = train(cfg, run_dir, override_dirname=hc.job.override_dirname,
                        progress_bar=False if multirun else None)
     except ConfigError as e:
         msg = f"Invalid configuration ({name}):\n  " + str(e).replace("\n", "\n  ")
-        print(msg, file=sys.stderr)
+        say(msg, sys.stderr)
         result = {"status": RunStatus.FAILED, "error": f"ConfigError: {e}", "run_dir": str(run_dir)}
         if (run_dir / RESULT_FILE).exists() or multirun:
             prev = read_result(run_dir) or {}
@@ -211,8 +211,8 @@ def main_task(cfg: Any) -> dict:
         return result
     if result.get("preempted"):
         p = result["preempted"]
-        print(f"[preempted] {name}: {p['signal']} -> checkpoint at step {p['step']}; run the same command "
-              f"again to resume -> {run_dir}", flush=True)
+        say(f"[preempted] {name}: {p['signal']} -> checkpoint at step {p['step']}; run the same command "
+            f"again to resume -> {run_dir}")
         from agents.experiment.preemption import chain_previous_handler
 
         chain_previous_handler(p["signum"])  # submitit: requeue the job (and exit)
@@ -222,7 +222,7 @@ def main_task(cfg: Any) -> dict:
     if result.get("skipped"):
         why = "locked by another process" if result["status"] == RunStatus.LOCKED else \
             f"already {result['status']} (rerun=true to train again)"
-        print(f"[skip] {name}: {why} -> {run_dir}", flush=True)
+        say(f"[skip] {name}: {why} -> {run_dir}")
         return result
     _print_summary(name, result)
     if not multirun and result["status"] == RunStatus.FAILED:
@@ -239,4 +239,4 @@ def _print_summary(name: str, r: dict) -> None:
         line += f"  (diverged at step {r['divergence'].get('step')}: {r['divergence'].get('reason')})"
     if r.get("error"):
         line += f"\n  error: {r['error']}"
-    print(line, file=sys.stderr if r["status"] == RunStatus.FAILED else sys.stdout, flush=True)
+    say(line, sys.stderr if r["status"] == RunStatus.FAILED else sys.stdout)

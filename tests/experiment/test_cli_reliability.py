@@ -80,3 +80,23 @@ def test_a_crash_is_recorded_as_failed_and_returns(tmp_path: Path, monkeypatch):
     assert r["status"] == "failed" and "simulated crash" in r["error"]
     assert "simulated crash" in (tmp_path / "error.txt").read_text()
     assert json.loads((tmp_path / "result.json").read_text())["status"] == "failed"
+
+
+def test_status_lines_of_parallel_workers_never_merge():
+    """Two workers writing status lines into one pipe with ``PYTHONUNBUFFERED`` (as sweep workers
+    share the sweep's stdout): every line arrives whole (``say`` writes text and newline at once)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from agents.experiment.console import say\n"
+            "for i in range(2000): say(f'[run] worker {sys.argv[1]} line {i} -> ' + 'x' * 120)")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(CONFIGS.parent)}
+    read, write = os.pipe()
+    workers = [subprocess.Popen([sys.executable, "-c", code, w], stdout=write, env=env) for w in "ab"]
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        lines = pipe.read().splitlines()
+    assert all(p.wait(timeout=120) == 0 for p in workers)
+    assert len(lines) == 4000
+    assert all(line.startswith("[run] worker ") and line.endswith("x" * 120) and line.count("[run]") == 1 for line in lines)
