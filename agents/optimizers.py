@@ -6,7 +6,9 @@ The dict (every key optional, ``None`` = SB3's own default for the algorithm)::
      "curvature": "hesscale" | "hesscale_gn" | "bl89",
      "kwargs": {...},                      # hyperparameters except lr (eps, betas, momentum, ...)
      "scaling": {"enabled": False, "delta": 1e-8, "max_scale": 1.0, "beta": 0.999},
-     "actor_curvature": "gn" | "exact"}    # SAC only (ignored by PPO/A2C)
+     "actor_curvature": "gn" | "exact",    # SAC only (ignored by PPO/A2C)
+     "critic_optimizer": "adam" | "rmsprop" | "sgd"}  # SAC only: the critic on that first-order
+                                                      # optimizer (SB3's settings, no scaling)
 
 Two paths follow from it:
 
@@ -39,7 +41,7 @@ CURVATURE_METHODS = SWEEP_METHODS
 ACTOR_CURVATURE = ("gn", "exact")
 ALGOS = ("ppo", "a2c", "sac")
 
-TOP_KEYS = ("name", "curvature", "kwargs", "scaling", "actor_curvature")
+TOP_KEYS = ("name", "curvature", "kwargs", "scaling", "actor_curvature", "critic_optimizer")
 #: a key of earlier versions: ``None`` (its default) is dropped, a value is refused with the way out
 REMOVED_KEYS = {"max_grad_norm": "the curvature path clips with the algorithm's own max_grad_norm, as the "
                                  "first-order path does (PPO/A2C argument; float('inf') switches clipping off)"}
@@ -137,8 +139,26 @@ def normalize_optimizer_config(config: dict | None, algo: str) -> dict:
     if actor_curvature not in ACTOR_CURVATURE:
         raise _valid("actor_curvature", config.get("actor_curvature"), ACTOR_CURVATURE)
 
+    critic_optimizer = config.get("critic_optimizer")
+    if critic_optimizer is not None:
+        critic_optimizer = str(critic_optimizer).lower()
+        if critic_optimizer not in FIRST_ORDER:
+            raise _valid("critic_optimizer", config.get("critic_optimizer"), FIRST_ORDER)
+        if algo != "sac":
+            raise ValueError(f"critic_optimizer={critic_optimizer!r} is SAC's; {algo.upper()} has one optimizer "
+                             "for its policy (leave critic_optimizer null)")
+        if not (name in CURVATURE_OPTIMIZERS or scaling["enabled"]):
+            raise ValueError(f"critic_optimizer={critic_optimizer!r} needs a curvature optimizer or scaling for "
+                             f"the actor; with {name!r} alone SB3's own SAC runs (use name={critic_optimizer!r})")
+
     return {"name": name, "curvature": curvature, "kwargs": kwargs, "scaling": scaling,
-            "actor_curvature": actor_curvature}
+            "actor_curvature": actor_curvature, "critic_optimizer": critic_optimizer}
+
+
+def first_order_config(name: str) -> dict:
+    """The normalised config of first-order optimizer ``name`` with SB3's settings and no scaling."""
+    return {"name": name, "curvature": "hesscale", "kwargs": {}, "scaling": dict(SCALING_DEFAULTS),
+            "actor_curvature": "gn", "critic_optimizer": None}
 
 
 def uses_curvature(config: dict) -> bool:

@@ -14,7 +14,9 @@ the heads' per-sample output Hessians (``optimizer["actor_curvature"]``):
   backward through the critics, to the action only). With ReLU critics (SB3's default) ``Q`` is
   piecewise linear in the action, so ``"gn"`` equals ``"exact"`` up to rounding.
 
-SB3's entropy-coefficient optimizer (Adam on ``log_ent_coef``) is left as it is.
+``optimizer["critic_optimizer"]`` (``"adam"``, ...) keeps the critic on that first-order optimizer,
+updated as SB3 updates it (``loss.backward()``, the optimizer's step), while the actor takes the
+curvature path. SB3's entropy-coefficient optimizer (Adam on ``log_ent_coef``) is left as it is.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN
 from torch.nn import functional as F
 
 from .base import CurvatureAgentMixin
-from .optimizers import build_optimizer
+from .optimizers import build_optimizer, first_order_config
 from .policy_hessians import sac_actor_head_hessians, sac_gsde_hessians
 from .second_order import CurvatureUpdate, named_in
 
@@ -72,20 +74,23 @@ class SAC(CurvatureAgentMixin, SB3SAC):
             critic_params = [p for n, p in critic.named_parameters() if "features_extractor" not in n]
         else:
             critic_params = list(critic.parameters())
-        self.critic.optimizer = build_optimizer(cfg, [{"name": "critic", "params": critic_params}], lr, "sac")
+        critic_first_order = cfg["critic_optimizer"] is not None  # the critic as SB3 updates it
+        critic_cfg = first_order_config(cfg["critic_optimizer"]) if critic_first_order else cfg
+        self.critic.optimizer = build_optimizer(critic_cfg, [{"name": "critic", "params": critic_params}], lr, "sac")
         critic_modules = list(critic.q_networks)
         if not critic.share_features_extractor and _has_params(critic.features_extractor):
             critic_modules.insert(0, critic.features_extractor)
 
         # No clipping: SB3's SAC never clips (the first-order arm), so neither does this path.
-        common = dict(method=cfg["curvature"], create_graph=create_graph)
         self._updates = {
             "actor": CurvatureUpdate(
                 self.actor.optimizer, named_in(self.policy, actor_modules), leaf_params=actor_leaf,
-                clip_params=actor_params, **common
+                clip_params=actor_params, method=cfg["curvature"], create_graph=create_graph,
             ),
             "critic": CurvatureUpdate(
-                self.critic.optimizer, named_in(self.policy, critic_modules), clip_params=critic_params, **common
+                self.critic.optimizer, named_in(self.policy, critic_modules), clip_params=critic_params,
+                method=cfg["curvature"], create_graph=create_graph and not critic_first_order,
+                first_order=critic_first_order,
             ),
         }
 

@@ -126,6 +126,8 @@ class CurvatureUpdate:
             clips (``None`` or ``inf``: no clipping); ``ĥ`` is scaled with the same factor (see
             :meth:`_clip`).
         create_graph: AdaHessian mode — no capture; gradients are built with ``create_graph=True``.
+        first_order: no capture and no curvature: ``loss.backward()`` and the optimizer's step, as
+            SB3's own update (SAC's ``critic_optimizer``).
         clip_params: the parameters whose norm is clipped (default: the optimizer's), in the order
             SB3 uses so the clipping coefficient rounds identically.
     """
@@ -139,6 +141,7 @@ class CurvatureUpdate:
         max_grad_norm: float | None = None,
         create_graph: bool = False,
         clip_params: Iterable[nn.Parameter] | None = None,
+        first_order: bool = False,
     ) -> None:
         self.optimizer = optimizer
         self.modules = dict(modules) if isinstance(modules, Mapping) else list(modules)
@@ -146,6 +149,7 @@ class CurvatureUpdate:
         self.method = method
         self.max_grad_norm = None if max_grad_norm is None or max_grad_norm == float("inf") else float(max_grad_norm)
         self.create_graph = create_graph
+        self.first_order = first_order
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.clip_params = list(clip_params) if clip_params is not None else self.params
         self.group_names = [str(g.get("name", i)) for i, g in enumerate(optimizer.param_groups)]
@@ -163,7 +167,7 @@ class CurvatureUpdate:
         module without a rule. Deferred to here so that a model can be built (``load()``) and act
         without one.
         """
-        if self._capture is None and not self.create_graph:
+        if self._capture is None and not (self.create_graph or self.first_order):
             import hesscale
 
             self._capture = hesscale.capture(self.modules, leaf_params=self.leaf_params, method=self.method)
@@ -203,7 +207,9 @@ class CurvatureUpdate:
         if not math.isfinite(value):
             raise Diverged(f"non-finite loss ({value})")
         self.optimizer.zero_grad()
-        if self.create_graph:
+        if self.first_order:
+            loss.backward()
+        elif self.create_graph:
             params = [p for p in self.params if p.requires_grad]
             grads = th.autograd.grad(loss, params, create_graph=True, allow_unused=True)
             for p, g in zip(params, grads):

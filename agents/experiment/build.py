@@ -47,13 +47,16 @@ def optimizer_spec(c: Mapping[str, Any]) -> dict | None:
     kwargs = dict(opt.get("kwargs") or {})
     scaling = dict(opt["scaling"])
     rms_prop_eps = float((c["agent"].get("kwargs") or {}).get("rms_prop_eps", 1e-5))
-    if not scaling["enabled"] and is_sb3_default(name, kwargs, cls.lower(), rms_prop_eps):
+    if not scaling["enabled"] and is_sb3_default(name, kwargs, cls.lower(), rms_prop_eps) \
+            and opt.get("critic_optimizer") is None:
         return None
     spec: dict[str, Any] = {"name": name, "kwargs": kwargs, "scaling": scaling}
     if opt.get("curvature") is not None:
         spec["curvature"] = opt["curvature"]
     if cls == "SAC" and opt.get("actor_curvature") is not None:
         spec["actor_curvature"] = opt["actor_curvature"]
+    if opt.get("critic_optimizer") is not None:  # SAC's; the agents refuse it for PPO/A2C
+        spec["critic_optimizer"] = opt["critic_optimizer"]
     return spec
 
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from agents.experiment.build import ACTIVATIONS, optimizer_spec
 from agents.experiment.errors import ConfigError
 from agents.experiment.keys import unknown_keys, unknown_open_keys
-from agents.optimizers import (ACTOR_CURVATURE, ALGOS, CURVATURE_METHODS, KWARG_RANGES, OPTIMIZER_NAMES,
+from agents.optimizers import (ACTOR_CURVATURE, ALGOS, CURVATURE_METHODS, FIRST_ORDER, KWARG_RANGES, OPTIMIZER_NAMES,
                                SCALING_RANGES, normalize_optimizer_config)
 from agents.ranges import NON_NEGATIVE, POSITIVE, UNIT, Range
 
@@ -57,6 +57,7 @@ CHOICES: dict[str, tuple[tuple, bool]] = {
     "opt.optimizer": (OPTIMIZER_NAMES, False),
     "opt.curvature": (CURVATURE_METHODS, True),
     "opt.actor_curvature": (ACTOR_CURVATURE, True),
+    "opt.critic_optimizer": (FIRST_ORDER, True),
     "agent.cls": (AGENT_CLASSES, False),
 }
 #: the schema every ``configs/opt/*.yaml`` starts from: its keys, their types and defaults

@@ -132,6 +132,19 @@ def test_scaled_adam_with_unit_scale_matches_upstream_sac():
     assert _max_rel(_params(ours), upstream) <= 1e-5
 
 
+def test_sac_critic_on_sb3s_adam_is_sb3s_critic_update():
+    """``critic_optimizer="adam"``: the critic is SB3's (torch Adam, ``loss.backward()``, no
+    scaling) while the actor takes the curvature path; with α = 1 on the actor the whole run is
+    upstream's SAC."""
+    upstream = _params(_run(UPSTREAM["sac"], "sac"))
+    opt = {"name": "adam", "scaling": {"enabled": True, "delta": 1e30}, "critic_optimizer": "adam"}
+    ours = _run(OURS["sac"], "sac", optimizer=opt)
+    assert type(ours.critic.optimizer) is th.optim.Adam and ours.critic.optimizer.defaults["eps"] == 1e-8
+    assert ours._updates["critic"].first_order and ours._updates["critic"]._capture is None
+    assert set(ours.actor.optimizer.last_scales.values()) == {1.0}
+    assert _max_rel(_params(ours), upstream) <= 1e-5
+
+
 OPTIONS = {
     "ppo": dict(target_kl=1e-8, clip_range_vf=0.05, normalize_advantage=False, ent_coef=0.01, vf_coef=0.3),
     "a2c": dict(normalize_advantage=True, ent_coef=0.01, gae_lambda=0.9),

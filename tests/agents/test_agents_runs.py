@@ -150,7 +150,7 @@ def test_config_defaults_and_validation():
     cfg = agents.normalize_optimizer_config(None, "a2c")
     assert cfg == {"name": "rmsprop", "curvature": "hesscale", "kwargs": {},
                    "scaling": {"enabled": False, "delta": 1e-8, "max_scale": 1.0, "beta": 0.999},
-                   "actor_curvature": "gn"}
+                   "actor_curvature": "gn", "critic_optimizer": None}
     assert agents.normalize_optimizer_config({"scaling": {"enabled": True}}, "ppo")["name"] == "adam"
     with pytest.raises(ValueError, match="'adamw'.*'adam', 'rmsprop', 'sgd', 'adahesscale', 'adahessian'"):
         agents.normalize_optimizer_config({"name": "adamw"}, "ppo")
@@ -162,6 +162,14 @@ def test_config_defaults_and_validation():
         agents.normalize_optimizer_config({"scaling": {"gamma": 1}}, "ppo")
     with pytest.raises(ValueError, match="'approx'.*'gn', 'exact'"):
         agents.normalize_optimizer_config({"actor_curvature": "approx"}, "sac")
+    with pytest.raises(ValueError, match="'adahesscale'.*'adam', 'rmsprop', 'sgd'"):
+        agents.normalize_optimizer_config({"name": "adahesscale", "critic_optimizer": "adahesscale"}, "sac")
+    with pytest.raises(ValueError, match="critic_optimizer='adam' is SAC's; PPO has one optimizer"):
+        agents.normalize_optimizer_config({"name": "adahesscale", "critic_optimizer": "adam"}, "ppo")
+    with pytest.raises(ValueError, match="critic_optimizer='adam' needs a curvature optimizer or scaling"):
+        agents.normalize_optimizer_config({"name": "adam", "critic_optimizer": "adam"}, "sac")
+    assert agents.normalize_optimizer_config({"name": "adahesscale", "critic_optimizer": "Adam"}, "sac")[
+        "critic_optimizer"] == "adam"
     with pytest.raises(ValueError, match="delta"):
         agents.normalize_optimizer_config({"scaling": {"enabled": True, "delta": 0}}, "ppo")
     with pytest.raises(ValueError, match="'max_grad_norm' .*removed.*algorithm's own max_grad_norm"):

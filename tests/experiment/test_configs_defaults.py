@@ -126,3 +126,18 @@ def test_hesscale_defaults_per_agent_are_pinned(agent):
     assert (o["optimizer"], o["curvature"], o["scaling"]["enabled"]) == ("adahesscale", "hesscale", True)
     shipped = {p.stem for p in (CONFIGS / "opt_agent").glob("*.yaml")} - {"none"}
     assert shipped <= {f"hesscale_{a}" for a in HESSCALE_DEFAULTS}  # per-agent files: only these, pinned here
+
+
+def test_sac_critic_optimizer_is_a_config_key():
+    """``opt.critic_optimizer=adam``: SAC's actor on the configured curvature optimizer, its critic on
+    SB3's Adam; the key is refused, naming it, for PPO/A2C and without a curvature arm."""
+    import torch
+
+    from agents.experiment.errors import ConfigError
+
+    _, model = _model(["agent=sac", "opt=hesscale", "opt.critic_optimizer=adam"])
+    assert type(model.critic.optimizer) is torch.optim.Adam
+    assert type(model.actor.optimizer).__name__ == "StepSizeScaling"
+    for overrides, message in ((["agent=ppo", "opt=hesscale"], "SAC's"), (["agent=sac", "opt=adam"], "needs a curvature")):
+        with pytest.raises(ConfigError, match=f"critic_optimizer.*{message}"):
+            _model([*overrides, "opt.critic_optimizer=adam"])
