@@ -56,7 +56,10 @@ def stale_reason(run_dir: Path, c: dict, result: dict) -> str | None:
     Stale when ``result.json``'s ``results_format`` differs from :data:`RESULTS_FORMAT` (absent
     means 1, the format before the key existed) or when ``config.yaml``'s identity (the resolved
     config without :data:`VOLATILE_KEYS`) differs from ``c``'s, both compared after one YAML round
-    trip so that formatting never counts as a change. The reason names the first differing keys.
+    trip so that formatting never counts as a change. A key the old config lacks and ``c`` has at
+    null (an option added since, whose null default keeps the earlier behaviour, as every
+    ``configs/opt/schema`` key added later does) is no difference. The reason names the first
+    differing keys.
     """
     fmt = result.get("results_format", 1)
     if fmt != RESULTS_FORMAT:
@@ -91,7 +94,8 @@ def _dotted_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
             if k not in new:
                 out.append(f"{key}: {old[k]!r} -> (absent)")
             elif k not in old:
-                out.append(f"{key}: (absent) -> {new[k]!r}")
+                if new[k] is not None:  # a key added since, at its null default: results unchanged
+                    out.append(f"{key}: (absent) -> {new[k]!r}")
             else:
                 out += _dotted_diff(old[k], new[k], f"{key}.")
         return out

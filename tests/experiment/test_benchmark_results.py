@@ -54,6 +54,9 @@ def test_stale_reason(tmp_path: Path):
     added = json.loads(json.dumps(c))
     added["opt"]["clip"] = True
     assert stale_reason(d, added, current) == "its config.yaml differs: opt.clip: (absent) -> True"
+    # an option added since at its null default (as opt.critic_optimizer was) keeps the run current
+    added["opt"]["clip"] = None
+    assert stale_reason(d, added, current) is None
     # another results format, or a result.json from before the key (format 1)
     assert "results format 0" in stale_reason(d, c, {**current, "results_format": 0})
     assert (stale_reason(d, c, {"status": "finished"}) is None) == (RESULTS_FORMAT == 1)
