@@ -9,7 +9,7 @@ from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
 
 from .on_policy import OnPolicyCurvatureMixin
-from .policy_hessians import value_mse_hessian
+from .policy_hessians import value_mse_derivatives
 
 
 class A2C(OnPolicyCurvatureMixin, SB3A2C):
@@ -56,7 +56,8 @@ class A2C(OnPolicyCurvatureMixin, SB3A2C):
             closed_forms = {}
             if heads is not None:
                 dl = -advantages / advantages.numel()
-                closed_forms = self._head_hessians(heads, actions, dl, None, value_mse_hessian(heads[1], self.vf_coef))
+                value_g, value_h = value_mse_derivatives(heads[1], values, rollout_data.returns, self.vf_coef)
+                closed_forms = self._head_derivatives(heads, actions, dl, None, value_g, value_h)
             update.step(cap, loss, **closed_forms)
 
         explained_var = explained_variance(self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten())

@@ -11,7 +11,7 @@ from torch import nn
 
 from .base import CurvatureAgentMixin
 from .optimizers import build_optimizer
-from .policy_hessians import gaussian_log_prob_hessians, gsde_log_prob_hessians
+from .policy_hessians import gaussian_head_derivatives, gsde_log_prob_hessians
 from .second_order import CurvatureUpdate, named_in
 
 
@@ -128,8 +128,10 @@ class OnPolicyCurvatureMixin(CurvatureAgentMixin):
             gsde = dist.distribution.variance.detach(), dist._latent_sde
         return cap.outputs(self.policy.action_net)[-1], cap.outputs(self.policy.value_net)[-1], gsde
 
-    def _head_hessians(self, heads, actions, dl, d2l, value_h) -> dict:
-        """``step()`` keyword arguments with the closed-form head Hessians (empty without heads)."""
+    def _head_derivatives(self, heads, actions, dl, d2l, value_g, value_h) -> dict:
+        """``step()`` keyword arguments with the closed-form head derivatives (empty without heads):
+        the per-sample output Hessians, and without gSDE the whole outside gradient too (mean head,
+        value head, ``log_std``), so the update needs no autograd call."""
         if heads is None:
             return {}
         mean_actions, values, gsde = heads
@@ -139,11 +141,18 @@ class OnPolicyCurvatureMixin(CurvatureAgentMixin):
                 mean_actions, variance, latent, self.policy.log_std, actions, dl, d2l,
                 entropy_weight=-self.ent_coef / actions.shape[0],
             )
-        else:
-            h_mean, h_log_std = gaussian_log_prob_hessians(mean_actions, self.policy.log_std, actions, dl, d2l)
+            return {
+                "output_hessians": {mean_actions: h_mean, values: value_h},
+                "leaf_hessians": {self.policy.log_std: h_log_std},
+            }
+        log_std = self.policy.log_std
+        g_mean, g_log_std, h_mean, h_log_std = gaussian_head_derivatives(
+            mean_actions, log_std, actions, dl, d2l, self.ent_coef
+        )
         return {
             "output_hessians": {mean_actions: h_mean, values: value_h},
-            "leaf_hessians": {self.policy.log_std: h_log_std},
+            "leaf_hessians": {log_std: h_log_std},
+            "output_grads": {mean_actions: g_mean, values: value_g, log_std: g_log_std},
         }
 
     def _stopped_rollout(self) -> bool:

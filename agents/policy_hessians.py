@@ -19,30 +19,40 @@ from __future__ import annotations
 import torch as th
 
 
-def gaussian_log_prob_hessians(
-    mean_actions: th.Tensor, log_std: th.Tensor, actions: th.Tensor, dl: th.Tensor, d2l: th.Tensor | None
-) -> tuple[th.Tensor, th.Tensor]:
-    """``(H_mean [N, A], H_log_std [A])`` for ``Σ_n ℓ_n(log π(a_n))``; ``dl``, ``d2l``: ``[N]``.
+def gaussian_head_derivatives(
+    mean_actions: th.Tensor, log_std: th.Tensor, actions: th.Tensor, dl: th.Tensor, d2l: th.Tensor | None,
+    entropy_coef: float,
+) -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
+    """``(g_mean [N, A], g_log_std [A], H_mean [N, A], H_log_std [A])``: gradient and Hessian
+    diagonal of ``Σ_n ℓ_n(log π(a_n)) − c·mean_n H_n`` (``c = entropy_coef``, the entropy bonus of
+    PPO/A2C's loss) w.r.t. the mean head and ``log σ``; ``dl``, ``d2l``: ``[N]``.
 
-    Two cases in fewer ops (one per minibatch matters at SB3's sizes): ``d2l=None`` for ``ℓ'' = 0``
-    (A2C's loss is linear in log π): ``H_mean = −ℓ'/σ²``, ``H_logσ = −2 Σ_n ℓ'·d²``; ``d2l is dl``
-    (PPO's surrogate, ``ℓ'' = ℓ'``): ``H_mean = ℓ'·(d² − 1)/σ²``, ``H_logσ = Σ_n ℓ'·((d² − 1)² − 2d²)``.
+    ``g_mean = ℓ'·(a − μ)/σ²``, ``g_logσ = Σ_n ℓ'·(d² − 1) − c`` (the entropy ``Σ_j log σ_j + const``
+    is free of μ and linear in log σ). Two Hessian cases in fewer ops (one per minibatch matters at
+    SB3's sizes): ``d2l=None`` for ``ℓ'' = 0`` (A2C's loss is linear in log π): ``H_mean = −ℓ'/σ²``,
+    ``H_logσ = −2 Σ_n ℓ'·d²``; ``d2l is dl`` (PPO's surrogate, ``ℓ'' = ℓ'``): ``H_mean = ℓ'·(d² − 1)/σ²``,
+    ``H_logσ = Σ_n ℓ'·((d² − 1)² − 2d²)``.
     """
     with th.no_grad():
         inv_var = th.exp(log_std * -2.0)
-        d2 = (actions - mean_actions).square_().mul_(inv_var)
+        z = (actions - mean_actions).mul_(inv_var)  # (a − μ)/σ²
+        d2 = (actions - mean_actions).mul_(z)  # d² = (a − μ)²/σ²
+        dl_col = dl.reshape(-1, 1)
         dl_row = dl.reshape(1, -1).to(d2.dtype)  # mm does not promote (float32 advantages, float64 nets)
+        d2m1 = d2 - 1.0
+        g_mean = z.mul_(dl_col)
+        g_log_std = dl_row.mm(d2m1).reshape(-1).sub_(entropy_coef)
         if d2l is None:
-            h_mean = (dl.reshape(-1, 1) * inv_var).neg_()
-            return h_mean, dl_row.mm(d2).mul_(-2.0).reshape(-1)
-        if d2l is dl:
-            d2m1 = d2 - 1.0
-            h_mean = (dl.reshape(-1, 1) * d2m1).mul_(inv_var)
-            return h_mean, dl_row.mm(d2m1.square_().sub_(d2, alpha=2.0)).reshape(-1)
-        dl, d2l = dl.reshape(-1, 1), d2l.reshape(-1, 1)
-        h_mean = (d2l * d2 - dl) * inv_var
-        h_log_std = (d2l * (d2 - 1.0) ** 2 - 2.0 * dl * d2).sum(0)
-    return h_mean, h_log_std
+            h_mean = (dl_col * inv_var).neg_()
+            h_log_std = dl_row.mm(d2).mul_(-2.0).reshape(-1)
+        elif d2l is dl:
+            h_mean = (dl_col * d2m1).mul_(inv_var)
+            h_log_std = dl_row.mm(d2m1.square_().sub_(d2, alpha=2.0)).reshape(-1)
+        else:
+            d2l_col = d2l.reshape(-1, 1)
+            h_mean = (d2l_col * d2 - dl_col) * inv_var
+            h_log_std = (d2l_col * (d2 - 1.0) ** 2 - 2.0 * dl_col * d2).sum(0)
+    return g_mean, g_log_std, h_mean, h_log_std
 
 
 def gsde_log_prob_hessians(
@@ -102,21 +112,26 @@ def ppo_surrogate_dl(unclipped: th.Tensor, clipped: th.Tensor, ratio: th.Tensor,
         return factor.mul_(unclipped).div_(-ratio.numel())
 
 
-def value_mse_hessian(
-    values: th.Tensor, vf_coef: float, old_values: th.Tensor | None = None, clip_range_vf: float | None = None
-) -> th.Tensor:
-    """Per-sample ``∂²/∂v²`` of ``vf_coef·MSE(returns, v_pred)``, shaped like the value head ``values``.
+def value_mse_derivatives(
+    values: th.Tensor, values_pred: th.Tensor, returns: th.Tensor, vf_coef: float,
+    old_values: th.Tensor | None = None, clip_range_vf: float | None = None,
+) -> tuple[th.Tensor, th.Tensor]:
+    """``(g, H)``, per sample and shaped like the value head ``values``: ``∂/∂v`` and ``∂²/∂v²`` of
+    ``vf_coef·MSE(returns, v_pred)``, with ``values_pred`` the ``[N]`` predictions the loss read.
 
-    With value clipping ``v_pred = v_old + clamp(v − v_old, −c, c)`` the curvature is zero where the
-    clamp is active (bounds included, as autograd).
+    ``g = 2·vf_coef·(v_pred − R)/N``, ``H = 2·vf_coef/N``; with value clipping
+    ``v_pred = v_old + clamp(v − v_old, −c, c)`` both are zero where the clamp is active (bounds
+    included, as autograd).
     """
     with th.no_grad():
-        h = th.full_like(values, 2.0 * vf_coef / values.shape[0])
+        scale = 2.0 * vf_coef / values.shape[0]
+        g = (values_pred - returns).mul_(scale).reshape(values.shape)
+        h = th.full_like(values, scale)
         if clip_range_vf is not None:
             diff = values.reshape(-1) - old_values.reshape(-1)
-            inside = ((diff >= -clip_range_vf) & (diff <= clip_range_vf)).to(values.dtype)
-            h = h * inside.reshape(values.shape)
-    return h
+            inside = ((diff >= -clip_range_vf) & (diff <= clip_range_vf)).to(values.dtype).reshape(values.shape)
+            g, h = g * inside, h * inside
+    return g, h
 
 
 def sac_actor_head_hessians(

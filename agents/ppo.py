@@ -10,7 +10,7 @@ from stable_baselines3.common.utils import explained_variance
 from torch.nn import functional as F
 
 from .on_policy import OnPolicyCurvatureMixin
-from .policy_hessians import ppo_surrogate_dl, value_mse_hessian
+from .policy_hessians import ppo_surrogate_dl, value_mse_derivatives
 
 
 class PPO(OnPolicyCurvatureMixin, SB3PPO):
@@ -96,10 +96,11 @@ class PPO(OnPolicyCurvatureMixin, SB3PPO):
                 closed_forms = {}
                 if heads is not None:
                     dl = ppo_surrogate_dl(policy_loss_1, policy_loss_2, ratio, clip_range)
-                    value_h = value_mse_hessian(
-                        heads[1], self.vf_coef, rollout_data.old_values, None if self.clip_range_vf is None else clip_range_vf
+                    value_g, value_h = value_mse_derivatives(
+                        heads[1], values_pred, rollout_data.returns, self.vf_coef, rollout_data.old_values,
+                        None if self.clip_range_vf is None else clip_range_vf,
                     )
-                    closed_forms = self._head_hessians(heads, actions, dl, dl, value_h)
+                    closed_forms = self._head_derivatives(heads, actions, dl, dl, value_g, value_h)
                 update.step(cap, loss, **closed_forms)
 
             self._n_updates += 1

@@ -189,6 +189,7 @@ class CurvatureUpdate:
         loss: th.Tensor,
         output_hessians: Mapping[th.Tensor, th.Tensor] | None = None,
         leaf_hessians: Mapping[th.Tensor, th.Tensor] | None = None,
+        output_grads: Mapping[th.Tensor, th.Tensor] | None = None,
     ) -> None:
         """``zero_grad`` → grads and ``hess_diag`` → optional clipping → ``optimizer.step()``.
 
@@ -199,6 +200,8 @@ class CurvatureUpdate:
                 (see :class:`hesscale.capture`); the others are computed exactly by autograd.
             leaf_hessians: closed-form Hessian diagonals of parameters the loss reads directly
                 and that are *not* captured (their gradient then comes from the same backward).
+            output_grads: closed forms of the whole outside gradient (captured outputs and the
+                ``leaf_hessians`` parameters; see :meth:`hesscale.capture.backward`): no autograd call.
 
         Raises :class:`~agents.divergence.Diverged` when the loss is non-finite (parameters
         untouched) or when the optimizer skipped a group for a non-finite gradient or curvature.
@@ -215,7 +218,8 @@ class CurvatureUpdate:
             for p, g in zip(params, grads):
                 p.grad = g
         else:
-            cap.backward(loss, output_hessians=output_hessians, external_grads=list(leaf_hessians or ()))
+            cap.backward(loss, output_hessians=output_hessians, external_grads=list(leaf_hessians or ()),
+                         output_grads=output_grads)
             for p, h in (leaf_hessians or {}).items():
                 p.hess_diag = h
         if self.max_grad_norm is not None:

@@ -11,7 +11,7 @@ tensor operations (:mod:`hesscale.between`); contributions of several consumers 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -86,3 +86,30 @@ def fused_sweep(
             elif call.chain is not None:
                 call.chain.scatter(g_in, d_in, add)
     return grads, hess
+
+
+def given_outside_gradients(
+    calls: Sequence, alias_index: dict[int, int], owned: set[int], output_grads: Mapping[Tensor, Tensor],
+    d_given: Mapping[int, Tensor],
+) -> tuple[list, list[tuple[Tensor, Tensor]]]:
+    """The caller's closed-form outside gradients as ``(g_acc, [(outside param, grad)])``: ``g_acc[i]``
+    for call ``i`` whose output (as the forward code received it) has an entry, None otherwise.
+
+    Every entry is checked before anything is used: an output needs its Hessian in ``d_given``
+    (index → D) and its own shape; a captured module's parameter is refused (the sweep makes it).
+    """
+    g_acc: list = [None] * len(calls)
+    external = []
+    for key, g in output_grads.items():
+        index = alias_index.get(id(key))
+        if index is None:
+            if id(key) in owned:
+                raise ValueError("output_grads: a captured module's parameter gets its gradient from the sweep")
+            external.append((key, g.detach()))
+        elif index not in d_given:
+            raise ValueError(f"output_grads: the output of {calls[index].path!r} needs its Hessian in output_hessians")
+        elif g.shape != key.shape:
+            raise ValueError(f"output gradient of shape {tuple(g.shape)} for an output of shape {tuple(key.shape)}")
+        else:
+            g_acc[index] = g.detach()
+    return g_acc, external

@@ -13,7 +13,8 @@ Data flow of :meth:`capture.backward` (fused route, the default):
    of the computation reads (distributions, clamps, other networks, the loss), the gradients of
    leaf and external parameters and — by autograd through that small graph, or a closed form the
    caller passes — the per-sample loss Hessian diagonal ``D`` at those outputs; leaf parameters
-   get their exact diagonal the same way;
+   get their exact diagonal the same way. A caller with closed forms of the whole outside
+   gradient too (``output_grads``, e.g. PPO/A2C's Gaussian heads) skips this autograd call;
 2. the recorded calls are walked in reverse (:func:`hesscale.fused.fused_sweep`): each module's
    rule turns ``(g_out, D_out)`` into its parameters' ``.grad`` and curvature and the
    ``(g_in, D_in)`` of the call, or chain of known operations, that produced its input
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 
 from . import unfused
 from .between import OpChain, Unknown, op_name, trace
-from .fused import UNFUSED, fused_sweep
+from .fused import UNFUSED, fused_sweep, given_outside_gradients
 from .leaves import caller_stacklevel, direct_params_of_non_leaves, leaf_modules, named_roots
 from .names import SWEEP_METHODS
 from .output_hessians import exact_param_diag, exact_per_sample_diag
@@ -249,6 +250,7 @@ class capture:
         loss: Tensor,
         output_hessians: Mapping[Tensor, Tensor] | None = None,
         external_grads: bool | Iterable[Tensor] = False,
+        output_grads: Mapping[Tensor, Tensor] | None = None,
     ) -> None:
         """Accumulate ``.grad`` and set ``.hess_diag`` on the captured and leaf parameters.
 
@@ -259,6 +261,10 @@ class capture:
                 exact one by autograd.
             external_grads: also accumulate gradients of parameters outside the capture: ``True``
                 all of them, as ``loss.backward()`` would, or the given ones (default: none).
+            output_grads: closed forms of the whole outside gradient (captured output → ``∂L/∂output``,
+                parameter outside the capture → ``∂L/∂param``, accumulated): no autograd call on the
+                fused route (the unfused one differentiates ``loss``); an output without an entry gets
+                no outside gradient, one with an entry needs ``output_hessians``; no leaf parameters.
         """
         if self._saved_forwards is not None:
             raise RuntimeError("call capture.backward() after the `with` block has closed")
@@ -266,7 +272,9 @@ class capture:
             raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
         d_given = self._given_output_hessians(output_hessians or {})
         self.routes = {}
-        if self.fused:
+        if self.fused and output_grads is not None:
+            module_hess, leaf_hess = self._closed_form_backward(output_grads, d_given), {}
+        elif self.fused:
             module_hess, leaf_hess = self._fused_backward(loss, d_given, external_grads)
         else:
             module_hess, leaf_hess = self._unfused_backward(loss, d_given, external_grads)
@@ -339,6 +347,19 @@ class capture:
             if g is not None:
                 _accumulate_grad(p, g.detach())
         return module_hess, leaf_hess
+
+    def _closed_form_backward(self, output_grads, d_given):
+        """Step 2 of the module docstring from the caller's outside gradients (no autograd call)."""
+        if any(p.requires_grad for p in self._leaf_params):
+            raise ValueError("output_grads: leaf parameters need their exact diagonal by autograd; pass their "
+                             "gradient in output_grads only for parameters outside the capture")
+        calls = self._calls
+        g_acc, external = given_outside_gradients(calls, self._alias_index, self._owned, output_grads, d_given)
+        d_acc = [d_given.get(i) for i in range(len(calls))]
+        module_grads, module_hess = fused_sweep(calls, g_acc, d_acc, self.method == "hesscale_gn", self.per_sample, self.routes)
+        for p, g in [*external, *module_grads.items()]:
+            _accumulate_grad(p, g)
+        return module_hess
 
     def _unfused_backward(self, loss, d_given, external_grads):
         calls = self._calls

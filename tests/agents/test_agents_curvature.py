@@ -385,37 +385,69 @@ def test_curvature_diagnostics_are_the_per_update_means_and_the_max():
 
 
 @pytest.mark.parametrize("case", ["general", "linear", "second_equals_first"])
-def test_gaussian_head_hessians_equal_autograd(case):
-    """``gaussian_log_prob_hessians`` against autograd's Hessian diagonal of
-    ``Σ_n ℓ_n(log π(a_n))`` with ``ℓ_n(z) = ℓ'_n (z − z0_n) + ½ ℓ''_n (z − z0_n)²`` (so ``ℓ'``, ``ℓ''``
-    at the point are the given ones), in float64: the general formula and both short routes
-    (``d2l=None`` for A2C's ``ℓ'' = 0``, ``d2l is dl`` for PPO's ``ℓ'' = ℓ'``)."""
+def test_gaussian_head_derivatives_equal_autograd(case):
+    """``gaussian_head_derivatives`` against autograd's gradient and Hessian diagonal of
+    ``Σ_n ℓ_n(log π(a_n)) − c·mean_n H_n`` with ``ℓ_n(z) = ℓ'_n (z − z0_n) + ½ ℓ''_n (z − z0_n)²``
+    (so ``ℓ'``, ``ℓ''`` at the point are the given ones) and SB3's Gaussian entropy, in float64:
+    the general Hessian and both short routes (``d2l=None`` for A2C's ``ℓ'' = 0``, ``d2l is dl``
+    for PPO's ``ℓ'' = ℓ'``)."""
     from stable_baselines3.common.distributions import DiagGaussianDistribution
 
-    from agents.policy_hessians import gaussian_log_prob_hessians
+    from agents.policy_hessians import gaussian_head_derivatives
 
     g = th.Generator().manual_seed(1)
-    n, a = 7, 3
+    n, a, c = 7, 3, 0.37
     mean = th.randn(n, a, generator=g, dtype=th.float64)
     log_std = th.randn(a, generator=g, dtype=th.float64) * 0.3
     actions = th.randn(n, a, generator=g, dtype=th.float64)
     dl = th.randn(n, generator=g, dtype=th.float64)
     d2l = {"general": th.randn(n, generator=g, dtype=th.float64), "linear": None, "second_equals_first": dl}[case]
 
-    def log_prob(m, s):
-        return DiagGaussianDistribution(a).proba_distribution(m, s).log_prob(actions)
+    def dist(m, s):
+        return DiagGaussianDistribution(a).proba_distribution(m, s)
 
-    z0 = log_prob(mean, log_std).detach()
+    z0 = dist(mean, log_std).log_prob(actions).detach()
 
     def loss(m, s):
-        z = log_prob(m, s) - z0
-        return (dl * z).sum() + (0.0 if d2l is None else 0.5 * (d2l * z * z).sum())
+        z = dist(m, s).log_prob(actions) - z0
+        quadratic = 0.0 if d2l is None else 0.5 * (d2l * z * z).sum()
+        return (dl * z).sum() + quadratic - c * dist(m, s).entropy().mean()
 
-    h_mean, h_log_std = gaussian_log_prob_hessians(mean, log_std, actions, dl, d2l)
+    g_mean, g_log_std, h_mean, h_log_std = gaussian_head_derivatives(mean, log_std, actions, dl, d2l, c)
+    m, s = mean.clone().requires_grad_(True), log_std.clone().requires_grad_(True)
+    grad_m, grad_s = th.autograd.grad(loss(m, s), [m, s])
+    th.testing.assert_close(g_mean, grad_m, rtol=1e-10, atol=1e-12)
+    th.testing.assert_close(g_log_std, grad_s, rtol=1e-10, atol=1e-12)
     rows = th.autograd.functional.hessian(lambda m: loss(m.reshape(n, a), log_std), mean.reshape(-1))
     th.testing.assert_close(h_mean.reshape(-1), rows.diagonal(), rtol=1e-10, atol=1e-12)
     full = th.autograd.functional.hessian(lambda s: loss(mean, s), log_std)
     th.testing.assert_close(h_log_std, full.diagonal(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("clip_range_vf", [None, 0.05])
+def test_value_mse_derivatives_equal_autograd(clip_range_vf):
+    """``value_mse_derivatives`` against autograd on ``vf_coef·MSE(returns, v_pred)``, with SB3's
+    value clipping ``v_pred = v_old + clamp(v − v_old, −c, c)`` (entries on the bounds included)."""
+    from agents.policy_hessians import value_mse_derivatives
+
+    g = th.Generator().manual_seed(2)
+    values = th.randn(9, 1, generator=g, dtype=th.float64)
+    old, returns = values.reshape(-1) + 0.1 * th.randn(9, generator=g, dtype=th.float64), th.randn(9, dtype=th.float64)
+    old[0] = values[0, 0] - 0.05  # exactly on a bound
+
+    def loss(v):
+        pred = v.reshape(-1) if clip_range_vf is None else old + th.clamp(v.reshape(-1) - old, -clip_range_vf, clip_range_vf)
+        return 0.7 * th.nn.functional.mse_loss(returns, pred), pred
+
+    v = values.clone().requires_grad_(True)
+    value, pred = loss(v)
+    (grad,) = th.autograd.grad(value, v)
+    g_v, h_v = value_mse_derivatives(values, pred.detach(), returns, 0.7, old, clip_range_vf)
+    th.testing.assert_close(g_v, grad, rtol=1e-12, atol=1e-14)
+    hess = th.autograd.functional.hessian(lambda v: loss(v.reshape(9, 1))[0], values.reshape(-1))
+    th.testing.assert_close(h_v.reshape(-1), hess.diagonal(), rtol=1e-12, atol=1e-14)
+    if clip_range_vf is not None:
+        assert (h_v == 0).any() and (h_v != 0).any()
 
 
 def test_ppo_surrogate_dl_equals_autograd_on_ties_and_clip_bounds():

@@ -1,6 +1,8 @@
 """The agents on the fused engine: the same update as the unfused route, and SB3's default
 policies on the fused route end to end.
 
+On the fused route PPO and A2C take the closed-form outside gradients (no autograd call), the
+unfused route differentiates the loss by autograd: their agreement checks those closed forms too.
 Float64 runs feed the policy float64 observations (SB3's preprocessing casts to float32, so it is
 patched here); one rollout and one ``train()`` per agent, not a long run, where clipping
 decisions amplify rounding.
@@ -15,8 +17,9 @@ import agents
 
 SCALED = {"name": "adahesscale", "kwargs": {"eps": 1e-5}, "scaling": {"enabled": True}}
 SETTINGS = {
-    "ppo": (agents.PPO, dict(n_steps=64, batch_size=32, n_epochs=2), 64),
-    "a2c": (agents.A2C, dict(n_steps=8), 8),
+    # an entropy bonus and value clipping, so that every term of the closed-form head gradients is used
+    "ppo": (agents.PPO, dict(n_steps=64, batch_size=32, n_epochs=2, ent_coef=0.01, clip_range_vf=0.1), 64),
+    "a2c": (agents.A2C, dict(n_steps=8, ent_coef=0.01), 8),
     "sac": (agents.SAC, dict(learning_starts=32, batch_size=16, buffer_size=200), 34),
 }
 

@@ -75,6 +75,59 @@ def test_closed_form_output_hessians_agree(float64):
     _assert_routes_agree(model, loss_of)
 
 
+def test_closed_form_outside_gradients_replace_autograd(float64):
+    """``output_grads``: the caller's ∂L/∂output for two heads and ∂L/∂s for a parameter outside the
+    capture give what autograd's route gives (``.grad`` and ĥ on every parameter), without an
+    autograd call; the misuses are refused with the reason."""
+    torch.manual_seed(3)
+    trunk, head_a, head_b = _mlp(nn.Tanh, (4, 6, 5)), nn.Linear(5, 2), nn.Linear(5, 1)
+    scale = nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
+    x, y = torch.randn(6, 4), torch.randn(6, 2)
+
+    def forward():
+        z = trunk(x)
+        return head_a(z), head_b(z)
+
+    def loss_of(a, b):  # Σ_n [scale·‖a_n − y_n‖² + b_n²] / N: its derivatives in closed form below
+        return (scale * (a - y).square().sum(1) + b.square().sum(1)).mean()
+
+    def run(closed):
+        for p in [*trunk.parameters(), *head_a.parameters(), *head_b.parameters(), scale]:
+            p.grad = None
+        with hesscale.capture([trunk, head_a, head_b]) as cap:
+            a, b = forward()
+        loss = loss_of(a, b)
+        n = a.shape[0]
+        hessians = {a: torch.full_like(a, 2 * float(scale) / n), b: torch.full_like(b, 2 / n)}
+        grads = {a: 2 * float(scale) * (a - y).detach() / n, b: 2 * b.detach() / n,
+                 scale: (a - y).detach().square().sum(1).mean()} if closed else None
+        calls = []
+        original = torch.autograd.grad
+        torch.autograd.grad = lambda *args, **kw: calls.append(1) or original(*args, **kw)
+        try:
+            cap.backward(loss, output_hessians=hessians, external_grads=[scale], output_grads=grads)
+        finally:
+            torch.autograd.grad = original
+        params = [*trunk.parameters(), *head_a.parameters(), *head_b.parameters()]
+        return [p.grad.clone() for p in params] + [scale.grad.clone()], [p.hess_diag for p in params], len(calls)
+
+    g_closed, h_closed, autograd_calls = run(closed=True)
+    g_auto, h_auto, _ = run(closed=False)
+    assert autograd_calls == 0
+    for u, v in zip(g_closed + h_closed, g_auto + h_auto):
+        torch.testing.assert_close(u, v, **TOL)
+
+    with hesscale.capture([trunk, head_a, head_b]) as cap:
+        a, b = forward()
+    with pytest.raises(ValueError, match="needs its Hessian in output_hessians"):
+        cap.backward(loss_of(a, b), output_grads={a: torch.zeros_like(a)})
+    with hesscale.capture([trunk, head_a, head_b]) as cap:
+        a, b = forward()
+    with pytest.raises(ValueError, match="captured module's parameter gets its gradient from the sweep"):
+        cap.backward(loss_of(a, b), output_hessians={a: torch.ones_like(a)},
+                     output_grads={a: torch.zeros_like(a), head_a.weight: torch.zeros_like(head_a.weight)})
+
+
 @pytest.mark.parametrize("per_sample", [True, False])
 @pytest.mark.parametrize("name", [*CONV_CHAINS, *RESHAPE_AND_POOL_CHAINS])
 def test_conv_pool_reshape_chains_agree(float64, name, per_sample):
