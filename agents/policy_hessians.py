@@ -1,5 +1,5 @@
 """Closed-form loss Hessians w.r.t. the heads of SB3's policies: the Gaussian actor-critic of
-PPO / A2C, and SAC's squashed-Gaussian actor (:func:`sac_actor_head_hessians`).
+PPO / A2C, and SAC's squashed-Gaussian actor (:func:`sac_actor_head_derivatives`).
 
 These are the *exact* per-sample diagonals the core would otherwise compute by autograd
 (``hesscale.capture`` without ``output_hessians``: a batched Hessian-vector product per output,
@@ -134,7 +134,7 @@ def value_mse_derivatives(
     return g, h
 
 
-def sac_actor_head_hessians(
+def sac_actor_head_derivatives(
     mean_actions: th.Tensor,
     log_std_raw: th.Tensor,
     gaussian_actions: th.Tensor,
@@ -143,10 +143,10 @@ def sac_actor_head_hessians(
     ent_coef: th.Tensor | float,
     epsilon: float,
     log_std_bounds: tuple[float, float],
-) -> tuple[th.Tensor, th.Tensor]:
-    """``(H_mu, H_log_std)``, each ``[N, A]``: per-sample Hessians of SAC's actor loss
-    ``mean(α·log π(ã|s) − Q(s, ã))`` w.r.t. the mean head and the pre-clamp ``log_std`` head, with
-    the critic linearised in the action (``"gn"``).
+) -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
+    """``(g_mu, g_log_std, H_mu, H_log_std)``, each ``[N, A]``: gradient and per-sample Hessians of
+    SAC's actor loss ``mean(α·log π(ã|s) − Q(s, ã))`` w.r.t. the mean head and the pre-clamp
+    ``log_std`` head, the Hessians with the critic linearised in the action (``"gn"``).
 
     With ``u = μ + σ·ε`` (``gaussian_actions``), ``ã = tanh u`` (``actions``), ``s = 1 − ã²``,
     ``g = ∂Q/∂ã`` (``dq_da``), SB3's squashing term ``f(u) = −log(s + δ)`` (``δ = epsilon``) and
@@ -154,9 +154,11 @@ def sac_actor_head_hessians(
 
         φ'  = α·f'(u) − g·s                    f'  = 2ãs/(s+δ)
         φ'' = α·f''(u) + 2g·ã·s                f'' = 2s(s−2ã²)/(s+δ) + 4ã²s²/(s+δ)²
+        g_μ = φ'/N         g_logstd = m·(φ'·σε − α)/N
         H_μ = φ''/N        H_logstd = m·(φ''·(σε)² + φ'·σε)/N
 
-    The Gaussian log-density is ``−ε²/2 − log σ`` under the reparametrisation (no curvature);
+    The Gaussian log-density is ``−ε²/2 − log σ`` under the reparametrisation (the ``−α`` of
+    ``g_logstd``, no curvature);
     ``m`` masks SB3's clamp of ``log_std`` to ``log_std_bounds`` (bounds included, as autograd).
     """
     with th.no_grad():
@@ -166,9 +168,11 @@ def sac_actor_head_hessians(
         raw = log_std_raw.detach()
         lo, hi = log_std_bounds
         mask = ((raw >= lo) & (raw <= hi)).to(raw.dtype)
+        g_mu = phi1 / n
+        g_log_std = mask * (phi1 * sigma_eps - _alpha(ent_coef)) / n
         h_mu = phi2 / n
         h_log_std = mask * (phi2 * sigma_eps * sigma_eps + phi1 * sigma_eps) / n
-    return h_mu, h_log_std
+    return g_mu, g_log_std, h_mu, h_log_std
 
 
 def _alpha(ent_coef: th.Tensor | float) -> float | th.Tensor:
@@ -177,7 +181,7 @@ def _alpha(ent_coef: th.Tensor | float) -> float | th.Tensor:
 
 def _squashed_phi_derivatives(actions: th.Tensor, dq_da: th.Tensor, alpha, epsilon: float):
     """``(φ', φ'')`` of ``φ(u) = α·f(u) − Q(tanh u)`` per entry, the critic linearised in the action
-    (see :func:`sac_actor_head_hessians`)."""
+    (see :func:`sac_actor_head_derivatives`)."""
     t = actions.detach()
     s = 1.0 - t * t
     sd = s + epsilon
@@ -203,7 +207,7 @@ def sac_gsde_hessians(
     noise ``w = z·X``, ``X = σ∘E`` the exploration matrix (``σ = exp(log_std)`` ``[K, A]``, ``E``
     fixed), ``v = z²·σ² + ε``, ``log π = G(w, v) + Σ f(u)``, ``G = −w²/(2v) − ½ log v`` per entry,
     and ``φ = α·log π − Q`` with ``φ'``, ``φ''`` of the squashing and the linearised critic as in
-    :func:`sac_actor_head_hessians`. ``μ`` enters only through ``u`` (``∂w/∂μ = 0``), so
+    :func:`sac_actor_head_derivatives`. ``μ`` enters only through ``u`` (``∂w/∂μ = 0``), so
     ``H_mu = φ''/N``. For ``log_std`` (``∂w/∂L_kj = ∂²w/∂L_kj² = z_k X_kj``, ``∂v/∂L_kj = 2z_k²σ_kj²``,
     ``∂²v/∂L_kj² = 4z_k²σ_kj²``) and for the latent ``z`` with ``μ`` held fixed (``∂w_j/∂z_k = X_kj``,
     ``∂v_j/∂z_k = 2z_kσ_kj²``, ``∂²v_j/∂z_k² = 2σ_kj²``: the variance and noise paths into the trunk;

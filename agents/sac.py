@@ -10,7 +10,7 @@ the heads' per-sample output Hessians (``optimizer["actor_curvature"]``):
   batched Hessian-vector product per head output (``2·act_dim`` products through the critics,
   each about the cost of a critic forward + double backward).
 * ``"gn"`` (default): the critic linearised in the action (its action-Hessian dropped) and a closed
-  form for the Gaussian/tanh part (:func:`agents.policy_hessians.sac_actor_head_hessians`; one extra
+  form for the Gaussian/tanh part (:func:`agents.policy_hessians.sac_actor_head_derivatives`; one extra
   backward through the critics, to the action only). With ReLU critics (SB3's default) ``Q`` is
   piecewise linear in the action, so ``"gn"`` equals ``"exact"`` up to rounding.
 
@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from .base import CurvatureAgentMixin
 from .optimizers import build_optimizer, first_order_config
-from .policy_hessians import sac_actor_head_hessians, sac_gsde_hessians
+from .policy_hessians import sac_actor_head_derivatives, sac_gsde_hessians
 from .second_order import CurvatureUpdate, named_in
 
 
@@ -118,19 +118,20 @@ class SAC(CurvatureAgentMixin, SB3SAC):
         dist = actor.action_dist
         return cap.outputs(last_mu)[-1], dist._latent_sde, dist.exploration_mat, dist.distribution.variance.detach()
 
-    def _actor_gn_hessians(self, heads, actions_pi, min_qf_pi, ent_coef, cap) -> dict[str, dict]:
+    def _actor_gn_derivatives(self, heads, actions_pi, min_qf_pi, ent_coef, cap) -> dict[str, dict]:
         """``step()`` keyword arguments with the closed-form Hessians of the actor loss (``"gn"``, see
-        :func:`~agents.policy_hessians.sac_actor_head_hessians` and ``sac_gsde_hessians``); one
-        backward through the critics."""
+        :func:`~agents.policy_hessians.sac_actor_head_derivatives` and ``sac_gsde_hessians``) and,
+        without gSDE, its gradient at the heads too; one backward through the critics, to the action."""
         (dq_da,) = th.autograd.grad(min_qf_pi.sum(), actions_pi, retain_graph=True)
         epsilon = self.actor.action_dist.epsilon
         if not self.use_sde:
             mean_actions, log_std_raw, gaussian_actions = heads
-            h_mu, h_log_std = sac_actor_head_hessians(
+            g_mu, g_log_std, h_mu, h_log_std = sac_actor_head_derivatives(
                 mean_actions, log_std_raw, gaussian_actions, actions_pi, dq_da, ent_coef, epsilon,
                 (LOG_STD_MIN, LOG_STD_MAX),
             )
-            return {"output_hessians": {mean_actions: h_mu, log_std_raw: h_log_std}}
+            return {"output_hessians": {mean_actions: h_mu, log_std_raw: h_log_std},
+                    "output_grads": {mean_actions: g_mu, log_std_raw: g_log_std}}
         mean_actions, latent, exploration_mat, variance = heads
         h_mu, h_latent, h_log_std = sac_gsde_hessians(
             latent, self.actor.log_std, exploration_mat, variance, actions_pi, dq_da, ent_coef, epsilon
@@ -196,11 +197,14 @@ class SAC(CurvatureAgentMixin, SB3SAC):
             assert isinstance(critic_loss, th.Tensor)
             critic_losses.append(critic_loss.item())
 
-            # Optimize the critic: gradient + curvature + (scaled) step; 0.5·MSE has the closed form
-            # ∂²/∂q² = 1/numel per entry (else the core's autograd route: one HVP per Q-network).
-            critic_hessians = {q: th.full_like(q, 1.0 / q.numel()) for q in current_q_values
-                               if critic_cap is not None and critic_cap.is_captured_output(q)}
-            critic_update.step(critic_cap, critic_loss, output_hessians=critic_hessians or None)
+            # Optimize the critic: gradient + curvature + (scaled) step; 0.5·MSE has the closed forms
+            # ∂/∂q = (q − y)/numel and ∂²/∂q² = 1/numel per entry, so no autograd call (else the
+            # core's autograd route: one HVP per Q-network).
+            captured = [q for q in current_q_values if critic_cap is not None and critic_cap.is_captured_output(q)]
+            critic_forms = {"output_hessians": {q: th.full_like(q, 1.0 / q.numel()) for q in captured}} if captured else {}
+            if captured and len(captured) == len(current_q_values):
+                critic_forms["output_grads"] = {q: (q.detach() - target_q_values) / q.numel() for q in captured}
+            critic_update.step(critic_cap, critic_loss, **critic_forms)
 
             q_values_pi = th.cat(self.critic(replay_data.observations, actions_pi), dim=1)
             min_qf_pi, _ = th.min(q_values_pi, dim=1, keepdim=True)
@@ -208,7 +212,7 @@ class SAC(CurvatureAgentMixin, SB3SAC):
             actor_losses.append(actor_loss.item())
 
             # Optimize the actor: gradient + curvature (through the critics) + (scaled) step.
-            closed_forms = self._actor_gn_hessians(heads, actions_pi, min_qf_pi, ent_coef, actor_cap) if gn else {}
+            closed_forms = self._actor_gn_derivatives(heads, actions_pi, min_qf_pi, ent_coef, actor_cap) if gn else {}
             actor_update.step(actor_cap, actor_loss, **closed_forms)
 
             if gradient_step % self.target_update_interval == 0:

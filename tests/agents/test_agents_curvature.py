@@ -191,7 +191,7 @@ def _actor_hess(model, obs, route: str, linearise: bool = False):
     hessians = None
     if route == "gn":
         q_true = th.min(th.cat(model.critic(obs, actions_pi), dim=1), dim=1, keepdim=True)[0]
-        hessians = model._actor_gn_hessians(heads, actions_pi, q_true, model.ent_coef_tensor, cap)["output_hessians"]
+        hessians = model._actor_gn_derivatives(heads, actions_pi, q_true, model.ent_coef_tensor, cap)["output_hessians"]
     for p in model.actor.parameters():
         p.grad = None
     cap.backward(loss, output_hessians=hessians)
@@ -208,6 +208,33 @@ def test_sac_gn_equals_exact_for_relu_critics():
     gn, exact = _actor_hess(model, obs, "gn"), _actor_hess(model, obs, "exact")
     assert _rel(gn, exact) < 1e-4
     assert all(float(h.abs().max()) > 0 for h in exact.values())
+
+
+def test_sac_actor_head_gradients_equal_autograd():
+    """``sac_actor_head_derivatives``'s gradients against autograd on SB3's own squashed Gaussian
+    (``log_prob_from_params`` with the clamp of ``log_std``, entries past both bounds included) and
+    a critic linear in the action, in float64."""
+    from stable_baselines3.common.distributions import SquashedDiagGaussianDistribution
+
+    from agents.policy_hessians import sac_actor_head_derivatives
+
+    g = th.Generator().manual_seed(4)
+    n, a, alpha, bounds = 6, 3, th.tensor(0.3, dtype=th.float64), (-2.0, 0.5)
+    mean = th.randn(n, a, generator=g, dtype=th.float64).requires_grad_(True)
+    raw = (th.randn(n, a, generator=g, dtype=th.float64) * 1.5).requires_grad_(True)
+    w = th.randn(a, dtype=th.float64, generator=g)
+    dist = SquashedDiagGaussianDistribution(a)
+    th.manual_seed(0)
+    actions, log_prob = dist.log_prob_from_params(mean, th.clamp(raw, *bounds))
+    q = (actions * w).sum(1, keepdim=True)
+    loss = (alpha * log_prob.reshape(-1, 1) - q).mean()
+    grad_mean, grad_raw = th.autograd.grad(loss, [mean, raw])
+    dq_da = w.expand(n, a)
+    g_mu, g_log_std, _, _ = sac_actor_head_derivatives(mean, raw, dist.gaussian_actions, actions, dq_da, alpha,
+                                                       dist.epsilon, bounds)
+    assert (raw < bounds[0]).any() and (raw > bounds[1]).any()  # the clamp is active at both bounds
+    th.testing.assert_close(g_mu, grad_mean, rtol=1e-10, atol=1e-12)
+    th.testing.assert_close(g_log_std, grad_raw, rtol=1e-10, atol=1e-12)
 
 
 def test_sac_gn_is_the_linearised_critic_for_tanh_critics():
@@ -238,7 +265,7 @@ def _gsde_actor_hess(model, obs, route: str):
     for p in actor.parameters():
         p.grad = None
     if route == "gn":
-        forms = model._actor_gn_hessians(heads, actions_pi, min_q, model.ent_coef_tensor, cap)
+        forms = model._actor_gn_derivatives(heads, actions_pi, min_q, model.ent_coef_tensor, cap)
         assert len(forms["output_hessians"]) == 2  # mean head and latent: the trunk's variance path
         cap.backward(loss, output_hessians=forms["output_hessians"], external_grads=True)
         for p, h in forms["leaf_hessians"].items():
