@@ -98,8 +98,9 @@ def test_closed_form_outside_gradients_replace_autograd(float64):
             a, b = forward()
         loss = loss_of(a, b)
         n = a.shape[0]
-        hessians = {a: torch.full_like(a, 2 * float(scale) / n), b: torch.full_like(b, 2 / n)}
-        grads = {a: 2 * float(scale) * (a - y).detach() / n, b: 2 * b.detach() / n,
+        c = float(scale.detach())
+        hessians = {a: torch.full_like(a, 2 * c / n), b: torch.full_like(b, 2 / n)}
+        grads = {a: 2 * c * (a - y).detach() / n, b: 2 * b.detach() / n,
                  scale: (a - y).detach().square().sum(1).mean()} if closed else None
         calls = []
         original = torch.autograd.grad

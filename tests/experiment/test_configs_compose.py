@@ -100,7 +100,8 @@ def test_a2c_adam_is_sb3_adam_and_rmsprop_is_sb3_default():
 
 
 def test_hesscale_is_an_alias_of_adahesscale_scaled():
-    a = OmegaConf.to_container(_compose(["opt=hesscale"]).opt, resolve=True)
+    """The files are one optimizer; only ``opt=hesscale`` takes per-agent defaults (opt_agent/)."""
+    a = OmegaConf.to_container(_compose(["opt=hesscale", "opt_agent=none"]).opt, resolve=True)
     b = OmegaConf.to_container(_compose(["opt=adahesscale_scaled"]).opt, resolve=True)
     assert a.pop("name") == "hesscale" and b.pop("name") == "adahesscale_scaled"
     assert a == b

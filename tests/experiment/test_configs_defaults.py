@@ -98,6 +98,8 @@ def test_per_agent_defaults_precedence(tmp_path):
 
     configs = tmp_path / "configs"
     shutil.copytree(CONFIGS, configs)
+    for shipped in (configs / "opt_agent").glob("hesscale_*.yaml"):
+        shipped.unlink()
     (configs / "opt_agent" / "hesscale_ppo.yaml").write_text(
         "# @package opt\nscaling:\n  delta: 1.0e-04\nlr: 1.0e-03\n")
     pick = lambda *o: validate(_compose_in(configs, ["opt=hesscale", *o]))["opt"]  # noqa: E731
@@ -115,14 +117,16 @@ def test_per_agent_defaults_precedence(tmp_path):
 
 
 #: what ``opt=hesscale`` runs per agent (issue 11's evidence, docs/results/defaults/README.md):
-#: (δ, AdaHesScale eps, lr) — a change of these defaults must come with that evidence
-HESSCALE_DEFAULTS = {"ppo": (1e-8, 1e-5, 3e-4), "a2c": (1e-8, 1e-5, 7e-4), "sac": (1e-7, 1e-5, 3e-4)}
+#: (δ, AdaHesScale eps, lr, SAC's critic optimizer) — a change of these defaults must come with that
+#: evidence
+HESSCALE_DEFAULTS = {"ppo": (1e-7, 1e-5, 3e-4, None), "a2c": (1e-7, 1e-5, 7e-4, None),
+                     "sac": (1e-7, 1e-5, 3e-4, "adam")}
 
 
 @pytest.mark.parametrize("agent", sorted(HESSCALE_DEFAULTS))
 def test_hesscale_defaults_per_agent_are_pinned(agent):
     o = validate(_compose([f"agent={agent}", "opt=hesscale", "tuned=none"]))["opt"]
-    assert (o["scaling"]["delta"], o["kwargs"]["eps"], o["lr"]) == HESSCALE_DEFAULTS[agent]
+    assert (o["scaling"]["delta"], o["kwargs"]["eps"], o["lr"], o["critic_optimizer"]) == HESSCALE_DEFAULTS[agent]
     assert (o["optimizer"], o["curvature"], o["scaling"]["enabled"]) == ("adahesscale", "hesscale", True)
     shipped = {p.stem for p in (CONFIGS / "opt_agent").glob("*.yaml")} - {"none"}
     assert shipped <= {f"hesscale_{a}" for a in HESSCALE_DEFAULTS}  # per-agent files: only these, pinned here
