@@ -1,9 +1,9 @@
 """Multi-seed report of a sweep directory: learning curves, step-size sensitivity, tables.
 
-``python scripts/report.py <sweep dir> [--out DIR] [--reps 2000] [--source auto|eval|tb|train]``
+``python scripts/report.py <sweep dir> [<sweep dir> ...] [--out DIR] [--reps 2000] [--source auto|eval|tb|train]``
 
-Reads every run below the directory (``result.json`` + ``evaluations.npz``, or the TensorBoard
-events through tbparse) and writes into ``<sweep dir>/report/``. Runs with one or two evaluation
+Reads every run below the directories (``result.json`` + ``evaluations.npz``, or the TensorBoard
+events through tbparse) and writes into ``<first sweep dir>/report/``. Runs with one or two evaluation
 points are warned about; when all are that sparse, the training-episode returns
 (``rollout/ep_rew_mean``) are used if denser (:func:`sparse_fallback`).
 
@@ -16,6 +16,9 @@ points are warned about; when all are that sparse, the training-episode returns
 * ``table.md`` and ``table.csv`` -- per (env, agent, opt, lr, variant) cell: runs, finished,
   diverged, failed, IQM / mean of the final return with 95% CIs, IQM of the return averaged over
   the run with its CI;
+* ``stability.md`` and ``stability.csv`` -- only when the learning rate varies: per (env, agent, opt,
+  variant), the averaged return at each lr and worst ÷ best over the lrs
+  (:mod:`agents.experiment.report_stability`);
 * ``improvement.md`` and ``improvement.csv`` -- only when the challenger optimizer (``--challenger``,
   default ``hesscale``) and SB3's default optimizer both have runs: the probability of improvement
   of the first over the second per env and over all envs of an agent
@@ -37,6 +40,7 @@ import numpy as np
 
 from .report_improvement import improvement_markdown, improvement_table
 from .report_runs import find_runs, load_curve, sparse_fallback
+from .report_stability import stability_markdown, stability_table
 from .report_stats import interval, iqm
 from .results import DONE, RunStatus
 
@@ -258,16 +262,20 @@ def plot_sensitivity(df, out: Path, reps: int, seed: int) -> Path | None:
 
 
 # ----------------------------------------------------------------------------- entry point
-def make_report(root: Path, out: Path | None = None, reps: int = 2000, source: str = "auto",
+def make_report(root: Path | list[Path], out: Path | None = None, reps: int = 2000, source: str = "auto",
                 points: int = 100, seed: int = 0, challenger: str = "hesscale") -> dict[str, Any]:
-    """Write the report files for the runs below ``root``; returns their paths and the table."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such directory")
-    runs = find_runs(root)
+    """Write the report files for the runs below ``root`` (one sweep directory or several, e.g. two
+    stages of a study; the report goes to the first one's ``report/`` unless ``out``); returns their
+    paths and the table."""
+    roots = [Path(r) for r in (root if isinstance(root, (list, tuple)) else [root])]
+    runs = []
+    for r in roots:
+        if not r.is_dir():
+            raise FileNotFoundError(f"{r}: no such directory")
+        runs += find_runs(r)
     if not runs:
-        raise FileNotFoundError(f"{root}: no runs found (no result.json below it)")
-    out = Path(out) if out is not None else root / "report"
+        raise FileNotFoundError(f"{', '.join(map(str, roots))}: no runs found (no result.json below it)")
+    out = Path(out) if out is not None else roots[0] / "report"
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     df, grids, _ = collect(runs, source, points, notes)
@@ -277,7 +285,12 @@ def make_report(root: Path, out: Path | None = None, reps: int = 2000, source: s
     (out / "table.md").write_text(_markdown(table))
     paths: dict[str, Any] = {"table_csv": out / "table.csv", "table_md": out / "table.md",
                              "curves": None, "sensitivity": None, "table": table, "runs": len(runs),
-                             "warnings": notes, "improvement": None}
+                             "warnings": notes, "improvement": None, "stability": None}
+    stability = stability_table(df)
+    if len(stability):
+        stability.to_csv(out / "stability.csv", index=False)
+        (out / "stability.md").write_text(stability_markdown(stability))
+        paths["stability"] = out / "stability.md"
     improvement = improvement_table(df, challenger, reps, seed)
     if len(improvement):
         improvement.to_csv(out / "improvement.csv", index=False)
@@ -291,7 +304,7 @@ def make_report(root: Path, out: Path | None = None, reps: int = 2000, source: s
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Learning curves, step-size sensitivity and tables of a sweep.")
-    p.add_argument("sweep_dir", type=Path)
+    p.add_argument("sweep_dir", type=Path, nargs="+", help="one or more sweep directories, reported together")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: <sweep dir>/report)")
     p.add_argument("--reps", type=int, default=2000, help="bootstrap repetitions (rliable)")
     p.add_argument("--source", choices=["auto", "eval", "tb", "train"], default="auto",
@@ -318,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     t = r["table"]
     print(f"{r['runs']} runs, {len(t)} cells, {int(t['diverged'].sum())} diverged, "
           f"{int(t['failed'].sum())} failed")
-    for k in ("curves", "sensitivity", "table_md", "table_csv", "improvement"):
+    for k in ("curves", "sensitivity", "table_md", "table_csv", "stability", "improvement"):
         if r[k] is not None:
             print(f"wrote {r[k]}")
     return 0

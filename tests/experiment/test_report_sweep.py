@@ -121,3 +121,49 @@ def test_eval_summary_auc(tmp_path: Path):
     s = eval_summary(tmp_path)
     assert s["final_return"] == 20 and s["n_evaluations"] == 3
     assert s["auc_return"] == pytest.approx((5 * 10 + 15 * 10) / 20)
+
+
+def test_stability_over_learning_rates_and_two_sweep_dirs(sweep: Path, tmp_path: Path):
+    """stability.md: per (env, agent, opt, variant) the averaged return at each lr equals the main
+    table's IQM of that cell, worst ÷ best is their min over max, and a group is stable only without
+    divergence and at ≥ 0.8; two sweep directories (two stages of a study) report as one."""
+    import shutil
+
+    from agents.experiment.report_stability import stability_table
+
+    out = make_report(sweep, reps=10, points=20)
+    table, md = out["table"], Path(out["stability"]).read_text()
+    df_table = stability_table(_collected(sweep))
+    assert len(df_table) == 2 * 2  # (env, opt); one agent, one variant
+    for _, r in df_table.iterrows():
+        cells = table[(table.env == r.env) & (table.opt == r.opt)].sort_values("lr")
+        assert r.lrs == list(cells.lr) == list(LRS)
+        assert np.allclose(r.auc_by_lr, cells.auc_iqm)
+        assert r.worst_over_best == pytest.approx(min(cells.auc_iqm) / max(cells.auc_iqm))
+        assert r.diverged == cells.diverged.sum()
+        assert r.stable == (r.diverged == 0 and r.worst_over_best >= 0.8)
+    adam = df_table[(df_table.env == "hopper") & (df_table.opt == "adam")].iloc[0]
+    assert adam.diverged == 2 and not adam.stable
+    assert "worst ÷ best" in md and md.count("\n| hopper") == 2
+    flat = tmp_path / "flat"  # lr 1e-3 and 2e-3: slopes 1 and 0.9, so about 0.9 of the best
+    for lr in (1e-3, 2e-3):
+        for seed in SEEDS:
+            _run(flat, "hopper", "hesscale", lr, seed)
+    (r,) = stability_table(_collected(flat)).itertuples()
+    assert 0.8 <= r.worst_over_best < 1 and r.stable
+    # the same runs split over two directories
+    a, b = tmp_path / "stage1", tmp_path / "stage3"
+    for run in find_runs(sweep):
+        rel = Path(run["run_dir"]).relative_to(sweep)
+        shutil.copytree(run["run_dir"], (a if run["lr"] == LRS[0] else b) / rel)
+    split = make_report([a, b], reps=10, points=20)
+    assert Path(split["stability"]).parent == a / "report"
+    assert Path(split["stability"]).read_text() == md
+    assert main([str(a), str(b), "--reps", "10", "--points", "20", "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "stability.md").read_text() == md
+
+
+def _collected(root: Path):
+    from agents.experiment.report import collect
+
+    return collect(find_runs(root), "auto", 20)[0]
