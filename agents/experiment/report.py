@@ -305,7 +305,7 @@ def make_report(root: Path | list[Path], out: Path | None = None, reps: int = 20
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Learning curves, step-size sensitivity and tables of a sweep.")
     p.add_argument("sweep_dir", type=Path, nargs="+", help="one or more sweep directories, reported together")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: <sweep dir>/report)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: <first sweep dir>/report)")
     p.add_argument("--reps", type=int, default=2000, help="bootstrap repetitions (rliable)")
     p.add_argument("--source", choices=["auto", "eval", "tb", "train"], default="auto",
                    help="evaluations.npz (eval), TensorBoard events via tbparse (tb), training-episode "
