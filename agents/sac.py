@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from .base import CurvatureAgentMixin
 from .optimizers import build_optimizer, first_order_config
-from .policy_hessians import sac_actor_head_derivatives, sac_gsde_hessians
+from .policy_hessians import sac_actor_head_derivatives, sac_gsde_hessians, value_mse_derivatives
 from .second_order import CurvatureUpdate, named_in
 
 
@@ -197,13 +197,14 @@ class SAC(CurvatureAgentMixin, SB3SAC):
             assert isinstance(critic_loss, th.Tensor)
             critic_losses.append(critic_loss.item())
 
-            # Optimize the critic: gradient + curvature + (scaled) step; 0.5·MSE has the closed forms
-            # ∂/∂q = (q − y)/numel and ∂²/∂q² = 1/numel per entry, so no autograd call (else the
-            # core's autograd route: one HVP per Q-network).
+            # Optimize the critic: gradient + curvature + (scaled) step; each Q-network's 0.5·MSE has
+            # the closed forms ∂/∂q = (q − y)/N, ∂²/∂q² = 1/N (value_mse_derivatives, vf_coef 0.5),
+            # so no autograd call (else the core's autograd route: one HVP per Q-network).
             captured = [q for q in current_q_values if critic_cap is not None and critic_cap.is_captured_output(q)]
-            critic_forms = {"output_hessians": {q: th.full_like(q, 1.0 / q.numel()) for q in captured}} if captured else {}
+            derivatives = {q: value_mse_derivatives(q, q.reshape(-1), target_q_values.reshape(-1), 0.5) for q in captured}
+            critic_forms = {"output_hessians": {q: h for q, (_, h) in derivatives.items()}} if captured else {}
             if captured and len(captured) == len(current_q_values):
-                critic_forms["output_grads"] = {q: (q.detach() - target_q_values) / q.numel() for q in captured}
+                critic_forms["output_grads"] = {q: g for q, (g, _) in derivatives.items()}
             critic_update.step(critic_cap, critic_loss, **critic_forms)
 
             q_values_pi = th.cat(self.critic(replay_data.observations, actions_pi), dim=1)

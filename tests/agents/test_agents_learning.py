@@ -1,7 +1,7 @@
 """Learning tests: the shipped `opt=hesscale` defaults learn as fast as SB3's default optimizer, and
 PPO with Scaled AdaHesScale learns CartPole-v1.
 
-Shipped defaults (issue 11): `agent=ppo|a2c opt=hesscale` exactly as `scripts/train.py` builds it,
+Shipped defaults (issue 11): `agent=ppo|a2c|sac opt=hesscale` exactly as `scripts/train.py` builds it,
 InvertedPendulum-v5 at SB3's hyperparameters, evaluations of 5 deterministic episodes; both arms
 must reach a mean return of 950 (of 1,000) in most seeds: PPO and A2C in 20k steps (evaluations at
 10k, 20k; seeds 0–2), SAC in 5k (seed 0). Calibrated on the committed runs: SB3's optimizer reaches
