@@ -11,7 +11,7 @@ tensor operations (:mod:`hesscale.between`); contributions of several consumers 
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, MutableSequence, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -40,13 +40,13 @@ def _vjp_backward(call, g_out, d_out, gauss_newton, per_sample, need_input):
 
 
 def fused_sweep(
-    calls: Sequence, g_acc: list, d_acc: list, gauss_newton: bool, per_sample: bool, routes: dict
+    calls: MutableSequence, g_acc: list, d_acc: list, gauss_newton: bool, per_sample: bool, routes: dict
 ) -> tuple[dict[nn.Parameter, Tensor], dict[nn.Parameter, Tensor]]:
     """Walk ``calls`` backwards from the outside parts ``g_acc[i]``, ``d_acc[i]`` (``None``: none).
 
     Returns ``({param: ∂L/∂θ}, {param: ĥ})`` (``ĥ`` per sample when ``per_sample``); records each
-    call's route in ``routes`` (path → ``"fused"`` / ``"autograd"``). Consumes ``g_acc`` and
-    ``d_acc``: each call's entries are released once read, as autograd frees its gradient buffers.
+    call's route in ``routes`` (path → ``"fused"`` / ``"autograd"``). Consumes ``calls``, ``g_acc``
+    and ``d_acc``: each call's entries are released once used, as autograd frees its buffers.
     """
     grads: dict[nn.Parameter, Tensor] = {}
     hess: dict[nn.Parameter, Tensor] = {}
@@ -62,10 +62,10 @@ def fused_sweep(
             if g_out is None and d_out is None:
                 continue
             call = calls[i]
-            if g_out is None:
-                g_out = torch.zeros_like(call.y)
+            if g_out is None:  # the other has the output's shape (the call may keep no output)
+                g_out = torch.zeros_like(d_out)
             if d_out is None:
-                d_out = torch.zeros_like(call.y)
+                d_out = torch.zeros_like(g_out)
             need_input = call.producer is not None or call.chain is not None
             if call.rule.fused:
                 routes[call.path] = FUSED
@@ -74,6 +74,7 @@ def fused_sweep(
                 routes[call.path] = AUTOGRAD
                 out = _vjp_backward(call, g_out, d_out, gauss_newton, per_sample, need_input)
             p_grads, p_hess, g_in, d_in = out
+            calls[i] = None  # its recorded tensors are freed once used, as autograd frees saved ones
             owned = call.module._parameters
             for name, g in p_grads.items():
                 p = owned[name]
@@ -89,8 +90,8 @@ def fused_sweep(
 
 
 def given_outside_gradients(
-    calls: Sequence, alias_index: dict[int, int], owned: set[int], output_grads: Mapping[Tensor, Tensor],
-    d_given: Mapping[int, Tensor],
+    calls: Sequence, index_of: Callable[[Tensor], int | None], owned: set[int],
+    output_grads: Mapping[Tensor, Tensor], d_given: Mapping[int, Tensor],
 ) -> tuple[list, list[tuple[Tensor, Tensor]]]:
     """The caller's closed-form outside gradients as ``(g_acc, [(outside param, grad)])``: ``g_acc[i]``
     for call ``i`` whose output (as the forward code received it) has an entry, None otherwise.
@@ -101,7 +102,7 @@ def given_outside_gradients(
     g_acc: list = [None] * len(calls)
     external = []
     for key, g in output_grads.items():
-        index = alias_index.get(id(key))
+        index = index_of(key)
         if index is None:
             if id(key) in owned:
                 raise ValueError("output_grads: a captured module's parameter gets its gradient from the sweep")
@@ -113,3 +114,11 @@ def given_outside_gradients(
         else:
             g_acc[index] = g.detach()
     return g_acc, external
+
+
+def accumulate_grad(p: Tensor, g: Tensor) -> None:
+    """``p.grad += g`` as ``loss.backward()`` accumulates it."""
+    if p.grad is None:
+        p.grad = g
+    else:
+        p.grad.add_(g)

@@ -5,7 +5,7 @@ on the instance only inside the ``with`` block (nothing runs during rollouts or 
 ``no_grad``). The forward code receives an *alias* of each captured output, and captured
 consumers read the real output instead; a consumer that reads known tensor operations on
 captured outputs (:mod:`hesscale.between`) reads their detached result, so the alias's gradient
-is exactly the outside part.
+is exactly the outside part. Each call keeps only what its rule reads (:mod:`hesscale.record`).
 
 Data flow of :meth:`capture.backward` (fused route, the default):
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
+import weakref
 from typing import Iterable, Mapping
 
 import torch
@@ -37,27 +37,14 @@ from torch import Tensor, nn
 
 from . import unfused
 from .between import OpChain, Unknown, op_name, trace
-from .fused import UNFUSED, fused_sweep, given_outside_gradients
+from .fused import UNFUSED, accumulate_grad, fused_sweep, given_outside_gradients
 from .leaves import caller_stacklevel, direct_params_of_non_leaves, leaf_modules, named_roots
 from .names import SWEEP_METHODS
 from .output_hessians import exact_param_diag, exact_per_sample_diag
+from .record import Call, chain_leaves
 from .rules import Rule, rule_for
 
 _log = logging.getLogger("hesscale")
-
-
-@dataclass
-class _Call:
-    module: nn.Module
-    path: str
-    rule: Rule
-    x: Tensor  # input values (before any in-place change)
-    y: Tensor  # the module's real output
-    alias: Tensor  # what the forward code received
-    producer: int | None  # index of the call whose output is ``x``
-    chain: OpChain | None = None  # known operations on captured outputs that made ``x``
-    graph: bool = True  # connected to autograd's graph (else run under no_grad or on a local graph)
-    g_out: Tensor | None = None  # unfused route: ∂L/∂y caught by a tensor hook
 
 
 class capture:
@@ -121,7 +108,7 @@ class capture:
         self._owned = owned
         self._wrappers = [(module, self._wrapper(path, module, rule)) for path, module, rule in self._leaves]
         self._saved_forwards: list | None = None
-        self._calls: list[_Call] = []
+        self._calls: list[Call] = []
         self._alias_index: dict[int, int] = {}
         self._internal: list[bool] = []
         self._warned_outside_edge = False
@@ -160,6 +147,7 @@ class capture:
         """
         forward = module.__dict__.get("forward") or type(module).forward.__get__(module)
         inplace = getattr(module, "inplace", False)
+        keep_x, keep_y = "x" in rule.fused_reads, "y" in rule.fused_reads
         trainable = any(p.requires_grad for p in module.parameters(recurse=False))
 
         def wrapped(*args, **kwargs):
@@ -179,6 +167,16 @@ class capture:
                     y = forward(x.clone() if inplace else x, **kwargs)
                 finally:
                     torch._C._set_grad_enabled(True)
+                if not isinstance(y, Tensor):
+                    raise TypeError(f"captured module {path!r} must return one tensor")
+                # keep what the rule reads, as autograd keeps a node's saved tensors; the alias only
+                # weakly: the forward code, or a graph that reads it, holds it while it matters
+                alias = y.detach().requires_grad_(True)
+                self._alias_index[id(alias)] = len(self._calls)
+                self._calls.append(Call(module, path, rule, x if keep_x else None, y if keep_y else None,
+                                         weakref.ref(alias), producer, chain, graph))
+                self._internal.append(False)
+                return alias
             else:
                 x = x.detach().requires_grad_(live)
                 y = forward(x.clone() if inplace else x, **kwargs)
@@ -188,7 +186,7 @@ class capture:
                 return y
             alias = y.view_as(y) if y.requires_grad else y.detach().requires_grad_(True)
             self._alias_index[id(alias)] = len(self._calls)
-            self._calls.append(_Call(module, path, rule, x, y, alias, producer, chain, graph))
+            self._calls.append(Call(module, path, rule, x, y, alias, producer, chain, graph))
             self._internal.append(False)
             return alias
 
@@ -197,11 +195,10 @@ class capture:
     def _input(self, path: str, a: Tensor) -> tuple[Tensor, int | None, OpChain | None, bool]:
         """``(x, producer, chain, graph)``: what the consumer at ``path`` reads for its argument
         ``a``, and whether the call must stay connected to autograd's graph."""
-        producer = self._alias_index.get(id(a))
+        producer = self._index_of(a)
         if producer is not None:
             self._internal[producer] = True
-            call = self._calls[producer]
-            return call.y, producer, None, call.graph  # captured consumers read the real output
+            return self._output_of(producer, a), producer, None, self._calls[producer].graph
         if not a.requires_grad:
             return a, None, None, not self.fused
         if not self._calls:
@@ -216,8 +213,8 @@ class capture:
                     return a, None, None, True  # a leaf that needs a gradient: as upstream
                 if isinstance(chain, int):  # the alias itself under another tensor object
                     self._internal[chain] = True
-                    return self._calls[chain].y, chain, None, self._calls[chain].graph
-                for i in _chain_leaves(chain):
+                    return self._output_of(chain, a), chain, None, self._calls[chain].graph
+                for i in chain_leaves(chain):
                     self._internal[i] = True
                 return a.detach(), None, chain, False
         else:
@@ -234,13 +231,25 @@ class capture:
             )
         return a, None, None, True
 
+    def _index_of(self, tensor: Tensor) -> int | None:
+        """The index of the call whose alias ``tensor`` is (its id alone could be a freed alias's)."""
+        i = self._alias_index.get(id(tensor))
+        return i if i is not None and self._calls[i].alias is tensor else None
+
+    def _output_of(self, i: int, alias: Tensor) -> Tensor:
+        """What a captured consumer of call ``i``'s output reads: the real output (same values as
+        ``alias``; a detached alias where the call keeps no output)."""
+        y = self._calls[i].y
+        return alias.detach() if y is None else y
+
     def _producer_of_node(self, node) -> int | None:
         """The call whose alias is graph node ``node`` (a view node, or a leaf's AccumulateGrad)."""
         variable = getattr(node, "variable", None)
         if variable is not None:
-            return self._alias_index.get(id(variable))
+            return self._index_of(variable)
         for i, call in enumerate(self._calls):
-            if call.alias.grad_fn is node:
+            alias = call.alias
+            if alias is not None and alias.grad_fn is node:
                 return i
         return None
 
@@ -290,7 +299,7 @@ class capture:
     def _given_output_hessians(self, given: Mapping[Tensor, Tensor]) -> dict[int, Tensor]:
         d_acc = {}
         for output, diag in given.items():
-            index = self._alias_index.get(id(output))
+            index = self._index_of(output)
             if index is None:
                 raise ValueError("output_hessians keys must be outputs of captured modules")
             if diag.shape != output.shape:
@@ -312,7 +321,7 @@ class capture:
             seen.add(fn)
             variable = getattr(fn, "variable", None)
             if variable is not None:
-                if id(variable) not in self._owned and id(variable) not in self._alias_index:
+                if id(variable) not in self._owned and self._index_of(variable) is None:
                     found.append(variable)
                 continue
             stack.extend(f for f, _ in fn.next_functions)
@@ -323,29 +332,32 @@ class capture:
         calls, n = self._calls, len(self._calls)
         leaf = [p for p in self._leaf_params if p.requires_grad]
         external = self._external(loss, external_grads)
+        aliases = {i: a for i, a in enumerate(c.alias for c in calls) if a is not None}  # freed: unread
         # with a graph at once where an exact diagonal is sure to be needed (an outside leaf)
-        create = bool(leaf) or any(i not in d_given and not self._internal[i] for i in range(n))
-        inputs = [c.alias for c in calls] + leaf + external
+        create = bool(leaf) or any(i not in d_given and not self._internal[i] for i in aliases)
+        inputs = [*aliases.values(), *leaf, *external]
         grads = [None] * len(inputs)
         if loss.requires_grad and inputs:
             grads = torch.autograd.grad(loss, inputs, allow_unused=True, retain_graph=True, create_graph=create)
-        used = [i for i in range(n) if grads[i] is not None and i not in d_given]
-        exact = {i: grads[i] for i in used}
+        g_out = dict(zip(aliases, grads))
+        used = [i for i, g in g_out.items() if g is not None and i not in d_given]
+        exact = {i: g_out[i] for i in used}
         if used and not create:
-            exact = dict(zip(used, torch.autograd.grad(loss, [calls[i].alias for i in used], create_graph=True)))
+            exact = dict(zip(used, torch.autograd.grad(loss, [aliases[i] for i in used], create_graph=True)))
         d_acc = [d_given.get(i) for i in range(n)]
         for i, g in exact.items():
-            d_acc[i] = exact_per_sample_diag(g, calls[i].alias).detach()
-        leaf_hess = {p: exact_param_diag(g, p).detach() for p, g in zip(leaf, grads[n:]) if g is not None}
-        g_acc = [None if g is None else g.detach() for g in grads[:n]]
+            d_acc[i] = exact_per_sample_diag(g, aliases[i]).detach()
+        rest = grads[len(aliases):]
+        leaf_hess = {p: exact_param_diag(g, p).detach() for p, g in zip(leaf, rest) if g is not None}
+        g_acc = [None if g_out.get(i) is None else g_out[i].detach() for i in range(n)]
         module_grads, module_hess = fused_sweep(
             calls, g_acc, d_acc, self.method == "hesscale_gn", self.per_sample, self.routes
         )
         for p, g in module_grads.items():  # made under no_grad
-            _accumulate_grad(p, g)
-        for p, g in zip(leaf + external, grads[n:]):
+            accumulate_grad(p, g)
+        for p, g in zip(leaf + external, rest):
             if g is not None:
-                _accumulate_grad(p, g.detach())
+                accumulate_grad(p, g.detach())
         return module_hess, leaf_hess
 
     def _closed_form_backward(self, output_grads, d_given):
@@ -354,11 +366,11 @@ class capture:
             raise ValueError("output_grads: leaf parameters need their exact diagonal by autograd; pass their "
                              "gradient in output_grads only for parameters outside the capture")
         calls = self._calls
-        g_acc, external = given_outside_gradients(calls, self._alias_index, self._owned, output_grads, d_given)
+        g_acc, external = given_outside_gradients(calls, self._index_of, self._owned, output_grads, d_given)
         d_acc = [d_given.get(i) for i in range(len(calls))]
         module_grads, module_hess = fused_sweep(calls, g_acc, d_acc, self.method == "hesscale_gn", self.per_sample, self.routes)
         for p, g in [*external, *module_grads.items()]:
-            _accumulate_grad(p, g)
+            accumulate_grad(p, g)
         return module_hess
 
     def _unfused_backward(self, loss, d_given, external_grads):
@@ -376,24 +388,10 @@ class capture:
 
     def outputs(self, module: nn.Module) -> list[Tensor]:
         """The outputs of ``module``'s calls recorded so far, in call order, as the forward code
-        received them (valid keys of :meth:`backward`'s ``output_hessians``); read them before
-        :meth:`backward`, which clears the record."""
+        received them (valid keys of :meth:`backward`'s ``output_hessians``; ``None`` for an output
+        that nothing holds any more); read them before :meth:`backward`, which clears the record."""
         return [call.alias for call in self._calls if call.module is module]
 
     def is_captured_output(self, tensor: Tensor) -> bool:
         """Whether ``tensor`` is an output of a captured module, as the forward code received it."""
-        return id(tensor) in self._alias_index
-
-
-def _chain_leaves(chain: OpChain | int) -> list[int]:
-    if isinstance(chain, int):
-        return [chain]
-    return [i for c in chain.inputs if c is not None for i in _chain_leaves(c)]
-
-
-def _accumulate_grad(p: Tensor, g: Tensor) -> None:
-    """``p.grad += g`` as ``loss.backward()`` accumulates it."""
-    if p.grad is None:
-        p.grad = g
-    else:
-        p.grad.add_(g)
+        return self._index_of(tensor) is not None

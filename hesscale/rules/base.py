@@ -18,6 +18,10 @@ class Rule:
     needs_grad_output: bool = False
     #: Whether :meth:`fused_backward` is implemented (gradient and curvature in one pass).
     fused: bool = False
+    #: Which of the recorded input ``"x"`` and output ``"y"`` :meth:`fused_backward` reads; the
+    #: engine keeps only those from the forward to the backward (as autograd keeps only the tensors
+    #: a node saves) and passes ``None`` for the other.
+    fused_reads: frozenset[str] = frozenset({"x", "y"})
 
     def param_diag(
         self, module: nn.Module, x: Tensor, y: Tensor, d_out: Tensor, per_sample: bool
@@ -54,5 +58,6 @@ class Rule:
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor | None, Tensor | None]:
         """``(grads, hess, g_in, d_in)``: the parameters' gradients ``∂L/∂θ`` and curvature (as
         :meth:`param_diag`), and, when ``need_input``, ``g_in = ∂L/∂x`` and ``d_in`` (as
-        :meth:`input_diag`), else ``None``. Only for rules with ``fused = True``."""
+        :meth:`input_diag`), else ``None``. Only for rules with ``fused = True``; ``x`` or ``y`` is
+        ``None`` where :attr:`fused_reads` leaves it out."""
         raise NotImplementedError

@@ -36,6 +36,7 @@ def _numeric_padding(module: nn.Module):
 
 class ConvRule(Rule):
     fused = True
+    fused_reads = frozenset({"x"})
 
     def _options(self, module):
         if module.padding_mode != "zeros":

@@ -24,8 +24,10 @@ class ElementwiseRule(Rule):
     def __init__(self, first: Derivative, second: Optional[Derivative] = None, pair: Optional[Callable] = None):
         self.first = first
         self.second = second
-        self.pair = pair  # optional ``(m, x, y, g, d, gauss_newton) -> (g_in, d_in)`` in fewer ops
+        self.pair = pair  # optional ``(m, y, g, d, gauss_newton) -> (g_in, d_in)`` in fewer ops, from y alone
         self.needs_grad_output = second is not None
+        if pair is not None:
+            self.fused_reads = frozenset({"y"})  # the input is freed after the forward
 
     fused = True
 
@@ -39,7 +41,7 @@ class ElementwiseRule(Rule):
         if not need_input:
             return {}, {}, None, None
         if self.pair is not None:
-            return ({}, {}, *self.pair(module, x, y, g_out, d_out, gauss_newton))
+            return ({}, {}, *self.pair(module, y, g_out, d_out, gauss_newton))
         s1 = self.first(module, x, y)
         d_in = s1.square() * d_out
         if self.second is not None and not gauss_newton:
@@ -156,26 +158,28 @@ def _one(y: Tensor) -> Tensor:
 _ONES: dict = {}
 
 
-def _tanh_pair(m, x, y, g, d, gauss_newton):
+def _tanh_pair(m, y, g, d, gauss_newton):
     """``s = 1 − y²``: ``(s·g, s·(s·d − 2y·g))`` (GN: ``s²·d``)."""
     s = torch.addcmul(_one(y), y, y, value=-1)
     t = s * d
     return s * g, (t if gauss_newton else torch.addcmul(t, y, g, value=-2)).mul_(s)
 
 
-def _sigmoid_pair(m, x, y, g, d, gauss_newton):
+def _sigmoid_pair(m, y, g, d, gauss_newton):
     """``s = y(1 − y)``: ``(s·g, s·(s·d + (1 − 2y)·g))`` (GN: ``s²·d``)."""
     s = torch.addcmul(y, y, y, value=-1)
     t = s * d
     return s * g, (t if gauss_newton else torch.addcmul(t, torch.add(_one(y), y, alpha=-2), g)).mul_(s)
 
 
-def _relu_pair(m, x, y, g, d, gauss_newton):
-    """``mask = x > 0``: ``(mask·g, mask·d)``, by autograd's own ReLU kernel (no float mask made)."""
-    return torch.ops.aten.threshold_backward(g, x, 0), torch.ops.aten.threshold_backward(d, x, 0)
+def _relu_pair(m, y, g, d, gauss_newton):
+    """``mask = y > 0`` (as ``x > 0``): ``(mask·g, mask·d)``, by autograd's own ReLU kernel, which
+    also reads the output (no float mask made)."""
+    return torch.ops.aten.threshold_backward(g, y, 0), torch.ops.aten.threshold_backward(d, y, 0)
 
 
-#: module type → the fused ``(g_in, d_in)`` of the commonest activations, in the fewest ops
+#: module type → the fused ``(g_in, d_in)`` of the commonest activations, in the fewest ops, from
+#: the output alone (the engine then keeps no copy of the input, as autograd's own nodes)
 PAIRS = {nn.Tanh: _tanh_pair, nn.Sigmoid: _sigmoid_pair, nn.ReLU: _relu_pair}
 
 

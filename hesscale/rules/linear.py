@@ -14,6 +14,7 @@ from .base import Rule
 
 class LinearRule(Rule):
     fused = True
+    fused_reads = frozenset({"x"})
 
     def param_diag(
         self, module: nn.Linear, x: Tensor, y: Tensor, d_out: Tensor, per_sample: bool

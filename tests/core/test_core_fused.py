@@ -3,11 +3,18 @@
 ``capture(..., fused=False)`` is autograd's whole backward followed by the separate sweep; both
 must leave the same ``.grad``, ``.hess_diag`` and per-sample diagonals (float64, 1e-10) on every
 module chain with a rule, at fan-out, for repeated calls, leaf parameters and every loss kind.
-``capture.routes`` says which route each module took.
+``capture.routes`` says which route each module took. Between forward and backward the fused
+route keeps only what its rules read, as autograd keeps only what its nodes save.
 """
+import json
+import tempfile
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 import hesscale
 from test_core_exactness import LOSSES, _case
@@ -238,3 +245,55 @@ def test_forward_wrappers_are_set_only_inside_the_block():
             out = model(torch.randn(2, 4))  # no recording under no_grad
         assert not cap._calls and not out.requires_grad
     assert all("forward" not in m.__dict__ for m in model)
+
+
+def _bytes_alive_after(fn) -> int:
+    """Tensor bytes alive when ``fn`` returns (its result kept), from torch's memory timeline."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        kept = fn()  # noqa: F841  (alive until the timeline ends)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "timeline.json"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            prof.export_memory_timeline(str(path), device="cpu")
+        _, sizes = json.loads(path.read_text())
+    return sum(sizes[-1])
+
+
+@pytest.mark.parametrize("net", ["tanh", "sigmoid", "relu", "elu", "conv"])
+def test_fused_forward_keeps_what_autograd_saves(net):
+    """Between forward and backward the fused route holds no more tensor memory than autograd's own
+    graph (a Linear keeps its input, a tanh/sigmoid/ReLU its output; the pre-activations are freed)."""
+    torch.manual_seed(0)
+    if net == "conv":
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+        x = torch.randn(16, 3, 8, 8)
+    else:
+        act = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU, "elu": nn.ELU}[net]
+        model = nn.Sequential(nn.Linear(17, 64), act(), nn.Linear(64, 64), act(), nn.Linear(64, 6))
+        x = torch.randn(64, 17)
+    cap = hesscale.capture(model)
+
+    def captured():
+        with cap:
+            return model(x)
+
+    assert _bytes_alive_after(captured) <= _bytes_alive_after(lambda: model(x))
+    cap.backward(captured().sum())  # and the record is still complete for a backward
+    assert cap.routes and set(cap.routes.values()) == {"fused"}
+
+
+def test_a_freed_outputs_id_is_not_taken_for_a_captured_output():
+    """The engine holds a fused call's output weakly; a new tensor that reuses a freed output's id
+    is no captured output (CPython reuses the id of a freed object at once)."""
+    model = _mlp(nn.Tanh)
+    with hesscale.capture(model) as cap:
+        hidden = model[0](torch.randn(2, 4))
+        freed = id(hidden)
+        assert cap.is_captured_output(hidden) and cap.outputs(model[0]) == [hidden]
+        del hidden
+        assert cap.outputs(model[0]) == [None]
+        reused = next((t for t in (torch.zeros(1) for _ in range(1000)) if id(t) == freed), None)
+        if reused is None:
+            pytest.skip("no tensor reused the freed id")
+        assert not cap.is_captured_output(reused)
