@@ -7,7 +7,7 @@ from typing import Callable, Iterable
 from torch import Tensor, nn
 
 from .comparators import COMPARATORS, call_loss
-from .output_hessians import closed_form_output_diag
+from .output_hessians import closed_form_output_derivatives
 from .rules.registry import registry_version
 from .sweep import SWEEP_METHODS, capture
 
@@ -67,38 +67,63 @@ def _captured_subset(model: nn.Module, modules: Iterable[nn.Module | str]) -> di
     return named
 
 
-#: model → (signature, key, capture, named captured params, external params): the last capture
-#: built for it, reused while the model's modules, parameters and the rule registry are unchanged
+#: model → (signature, {key: (capture, named captured params, external params)}): the captures
+#: built for it (one per method and options), reused while the model's modules, parameters and the
+#: rule registry are unchanged (a change drops them all)
 _CAPTURES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _structure(model: nn.Module) -> tuple[int, ...]:
+    """The ids of ``model``'s modules and parameters (changes when one is added, removed or
+    replaced); a plain walk of ``_modules`` / ``_parameters``, several times cheaper than
+    ``modules()`` + ``parameters()`` — it runs on every call."""
+    ids, stack = [], [model]
+    while stack:
+        m = stack.pop()
+        ids.append(id(m))
+        ids.extend(map(id, m._parameters.values()))
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return tuple(ids)
 
 
 def _capture_for(model: nn.Module, modules, method: str, per_sample: bool, fused: bool):
     """``(capture, [(name, param)] captured, [param] outside)`` for ``model``, cached."""
-    signature = (tuple(map(id, model.modules())), tuple(map(id, model.parameters())), registry_version())
+    signature = (_structure(model), registry_version())
     key = (method, per_sample, fused, None if modules is None else tuple(m if isinstance(m, str) else id(m) for m in modules))
     cached = _CAPTURES.get(model)
-    if cached is not None and cached[0] == signature and cached[1] == key:
-        return cached[2:]
+    if cached is None or cached[0] != signature:
+        cached = _CAPTURES[model] = (signature, {})
+    found = cached[1].get(key)
+    if found is not None:
+        return found
     captured = model if modules is None else _captured_subset(model, modules)
     cap = capture(captured, method=method, per_sample=per_sample, fused=fused)
     roots = [model] if modules is None else list(captured.values())
     params = {id(p) for root in roots for p in root.parameters()}
     named = [(name, p) for name, p in model.named_parameters() if id(p) in params]
     outside = [p for p in model.parameters() if id(p) not in params]
-    _CAPTURES[model] = (signature, key, cap, named, outside)
-    return cap, named, outside
+    found = cached[1][key] = (cap, named, outside)
+    return found
 
 
 def _sweep(model, loss_fn, inputs, targets, method, per_sample: bool = False, modules=None, fused: bool = True):
     cap, named, outside = _capture_for(model, modules, method, per_sample, fused)
+    loss = None
     with cap:
         output = model(inputs)
-        loss = call_loss(loss_fn, output, targets)
-    closed = closed_form_output_diag(loss_fn, output, targets, elementwise_softmax=method == "bl89")
+        closed = closed_form_output_derivatives(loss_fn, output, targets, elementwise_softmax=method == "bl89")
+        if closed is not None and not cap.is_captured_output(output):
+            closed = None
+        # the closed forms replace autograd where nothing else needs it: no loss graph is built
+        whole = closed is not None and fused and not outside and not any(p.requires_grad for p in cap.leaf_params)
+        if not (whole and (targets is None or not targets.requires_grad)):
+            loss = call_loss(loss_fn, output, targets)
     if method == "bl89" and isinstance(loss_fn, nn.CrossEntropyLoss) and closed is None:
         raise ValueError("bl89 supports nn.CrossEntropyLoss with class-index targets, 2-D logits, no weight and no label smoothing")
-    given = {output: closed} if closed is not None and cap.is_captured_output(output) else None
     for _, p in named:
         p.hess_diag = None  # a parameter the loss does not reach this time gets none
-    cap.backward(loss, output_hessians=given, external_grads=outside)
+    if loss is None:
+        cap.backward(None, output_hessians={output: closed[1]}, output_grads={output: closed[0]})
+    else:
+        cap.backward(loss, output_hessians=closed and {output: closed[1]}, external_grads=outside)
     return {name: p.hess_diag for name, p in named if p.hess_diag is not None}

@@ -89,6 +89,19 @@ def fused_sweep(
     return grads, hess
 
 
+def given_output_hessians(index_of: Callable[[Tensor], int | None], given: Mapping[Tensor, Tensor]) -> dict[int, Tensor]:
+    """The caller's closed-form output Hessians as ``{call index: D}``, each key and shape checked."""
+    d_acc = {}
+    for output, diag in given.items():
+        index = index_of(output)
+        if index is None:
+            raise ValueError("output_hessians keys must be outputs of captured modules")
+        if diag.shape != output.shape:
+            raise ValueError(f"output Hessian of shape {tuple(diag.shape)} for an output of shape {tuple(output.shape)}")
+        d_acc[index] = diag.detach()
+    return d_acc
+
+
 def given_outside_gradients(
     calls: Sequence, index_of: Callable[[Tensor], int | None], owned: set[int],
     output_grads: Mapping[Tensor, Tensor], d_given: Mapping[int, Tensor],

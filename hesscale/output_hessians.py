@@ -2,9 +2,9 @@
 
 * :func:`exact_per_sample_diag` — any loss that is separable over samples (dim 0): one batched
   Hessian-vector product per output feature, through the loss graph only.
-* :func:`closed_form_output_diag` — fast paths: ``MSELoss`` (``2/numel`` for the mean),
-  softmax ``CrossEntropyLoss`` (``(p − p²)/N``) and BL89's element-wise treatment of the softmax
-  (``onehot(y)·(p − p²)/N``).
+* :func:`closed_form_output_derivatives` — fast paths, with the gradient too: ``MSELoss``
+  (``2/numel`` for the mean), softmax ``CrossEntropyLoss`` (``(p − p²)/N``) and BL89's
+  element-wise treatment of the softmax (``onehot(y)·(p − p²)/N``).
 """
 from __future__ import annotations
 
@@ -63,17 +63,20 @@ def _reduction_scale(reduction: str, count: Tensor | int) -> Tensor | float:
     raise ValueError(f"reduction={reduction!r} gives no scalar loss; use 'mean' or 'sum'")
 
 
-def closed_form_output_diag(
+def closed_form_output_derivatives(
     loss_fn, output: Tensor, targets: Tensor | None, elementwise_softmax: bool = False
-) -> Tensor | None:
-    """Closed-form ``diag ∂²L/∂output²`` per sample, or ``None`` when there is none for ``loss_fn``.
+) -> tuple[Tensor, Tensor] | None:
+    """Closed-form ``(∂L/∂output, diag ∂²L/∂output²)`` per sample, or ``None`` when there is none
+    for ``loss_fn``.
 
-    ``elementwise_softmax`` gives BL89's cross-entropy diagonal ``onehot(y)·(p − p²)``.
+    MSE: ``2s·(output − y)`` and ``2s``; softmax cross-entropy: ``s·keep·(p − onehot(y))`` and
+    ``s·keep·(p − p²)`` (``keep``: target ≠ ``ignore_index``); ``s`` is ``1/count`` for the mean,
+    ``1`` for the sum. ``elementwise_softmax`` gives BL89's diagonal ``onehot(y)·(p − p²)``.
     """
     output = output.detach()
-    if type(loss_fn) is nn.MSELoss and targets is not None:
-        scale = _reduction_scale(loss_fn.reduction, output.numel())
-        return torch.full_like(output, 2.0 * scale)
+    if type(loss_fn) is nn.MSELoss and targets is not None and targets.shape == output.shape:
+        scale = 2.0 * _reduction_scale(loss_fn.reduction, output.numel())
+        return (output - targets.detach()) * scale, torch.full_like(output, scale)
     if (
         type(loss_fn) is nn.CrossEntropyLoss
         and loss_fn.weight is None
@@ -83,10 +86,11 @@ def closed_form_output_diag(
         and not targets.is_floating_point()
     ):
         keep = (targets != loss_fn.ignore_index).to(output.dtype)
-        scale = _reduction_scale(loss_fn.reduction, keep.sum())
+        scale = (keep * _reduction_scale(loss_fn.reduction, keep.sum()))[:, None]
         p = F.softmax(output, dim=1)
+        onehot = F.one_hot(targets.clamp(min=0), output.shape[1]).to(output.dtype)
         diag = p - p.square()
         if elementwise_softmax:
-            diag = diag * F.one_hot(targets.clamp(min=0), output.shape[1]).to(output.dtype)
-        return diag * (keep * scale)[:, None]
+            diag = diag * onehot
+        return (p - onehot) * scale, diag * scale
     return None

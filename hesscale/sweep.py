@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from . import unfused
 from .between import OpChain, Unknown, op_name, trace
-from .fused import UNFUSED, accumulate_grad, fused_sweep, given_outside_gradients
+from .fused import UNFUSED, accumulate_grad, fused_sweep, given_output_hessians, given_outside_gradients
 from .leaves import caller_stacklevel, direct_params_of_non_leaves, leaf_modules, named_roots
 from .names import SWEEP_METHODS
 from .output_hessians import exact_param_diag, exact_per_sample_diag
@@ -256,7 +256,7 @@ class capture:
     # -- backward --------------------------------------------------------------------------
     def backward(
         self,
-        loss: Tensor,
+        loss: Tensor | None,
         output_hessians: Mapping[Tensor, Tensor] | None = None,
         external_grads: bool | Iterable[Tensor] = False,
         output_grads: Mapping[Tensor, Tensor] | None = None,
@@ -264,7 +264,8 @@ class capture:
         """Accumulate ``.grad`` and set ``.hess_diag`` on the captured and leaf parameters.
 
         Args:
-            loss: scalar loss computed inside the ``with`` block.
+            loss: scalar loss computed inside the ``with`` block (``None`` with ``output_grads`` on
+                the fused route, which does not differentiate it).
             output_hessians: optional closed forms: captured output (the tensor the forward code
                 received) → per-sample ``diag ∂²L/∂output²``; other outputs the loss reads get the
                 exact one by autograd.
@@ -277,9 +278,11 @@ class capture:
         """
         if self._saved_forwards is not None:
             raise RuntimeError("call capture.backward() after the `with` block has closed")
-        if loss.dim() != 0:
+        if loss is None and not (self.fused and output_grads is not None):
+            raise ValueError("loss=None needs output_grads on the fused route (the unfused one differentiates the loss)")
+        if loss is not None and loss.dim() != 0:
             raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
-        d_given = self._given_output_hessians(output_hessians or {})
+        d_given = given_output_hessians(self._index_of, output_hessians or {})
         self.routes = {}
         if self.fused and output_grads is not None:
             module_hess, leaf_hess = self._closed_form_backward(output_grads, d_given), {}
@@ -295,17 +298,6 @@ class capture:
         if _log.isEnabledFor(logging.DEBUG):
             _log.debug("hesscale backward routes: %s; exact-route inputs: %s", self.routes, self.outside_ops)
         self._calls, self._alias_index, self._internal = [], {}, []
-
-    def _given_output_hessians(self, given: Mapping[Tensor, Tensor]) -> dict[int, Tensor]:
-        d_acc = {}
-        for output, diag in given.items():
-            index = self._index_of(output)
-            if index is None:
-                raise ValueError("output_hessians keys must be outputs of captured modules")
-            if diag.shape != output.shape:
-                raise ValueError(f"output Hessian of shape {tuple(diag.shape)} for an output of shape {tuple(output.shape)}")
-            d_acc[index] = diag.detach()
-        return d_acc
 
     def _external(self, loss: Tensor, external_grads: bool | Iterable[Tensor]) -> list[Tensor]:
         """The tensors outside the capture whose gradient is accumulated too."""
@@ -391,6 +383,11 @@ class capture:
         received them (valid keys of :meth:`backward`'s ``output_hessians``; ``None`` for an output
         that nothing holds any more); read them before :meth:`backward`, which clears the record."""
         return [call.alias for call in self._calls if call.module is module]
+
+    @property
+    def leaf_params(self) -> list[Tensor]:
+        """The parameters the loss reads directly, whose diagonal is exact by autograd."""
+        return self._leaf_params
 
     def is_captured_output(self, tensor: Tensor) -> bool:
         """Whether ``tensor`` is an output of a captured module, as the forward code received it."""

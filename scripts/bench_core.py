@@ -130,15 +130,18 @@ def make_methods(model, loss_fn, x, y, comparators: bool):
 
 
 def measure(methods: dict, reps: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call; methods interleaved so machine noise hits them alike."""
+    """Median seconds per call; methods interleaved so machine noise hits them alike, in an order
+    rotated every repetition (the call right after autograd's backward runs ~30 µs slower on the
+    small nets, which would otherwise fall on the same method every time)."""
     times = {name: [] for name in methods}
+    names = list(methods)
     for _ in range(warmup):
         for fn in methods.values():
             fn()
-    for _ in range(reps):
-        for name, fn in methods.items():
+    for rep in range(reps):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
             start = time.perf_counter()
-            fn()
+            methods[name]()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 

@@ -130,14 +130,30 @@ def test_deep_net_equals_reference_recursion(float64, loss, act, gn):
         torch.testing.assert_close(approx[k], ref[k], **TOL)
 
 
-def test_autograd_route_equals_closed_forms(float64):
-    """The exact per-sample output Hessian by autograd = the MSE / CE closed forms."""
-    for loss in ["mse", "ce"]:
-        model, loss_fn, x, y = _case(loss)
-        closed = hesscale.hessian_diagonal(model, loss_fn, x, y)
-        generic = hesscale.hessian_diagonal(model, lambda o, t: loss_fn(o, t), x, y)
-        for k in closed:
-            torch.testing.assert_close(generic[k], closed[k], **TOL)
+CLOSED_FORM_LOSSES = {
+    "mse-mean": nn.MSELoss(), "mse-sum": nn.MSELoss(reduction="sum"),
+    "ce-mean": nn.CrossEntropyLoss(), "ce-sum": nn.CrossEntropyLoss(reduction="sum"),
+    "ce-ignore": nn.CrossEntropyLoss(ignore_index=1),
+}
+
+
+@pytest.mark.parametrize("method", ["hesscale", "hesscale_gn"])
+@pytest.mark.parametrize("name", CLOSED_FORM_LOSSES)
+def test_autograd_route_equals_closed_forms(float64, name, method):
+    """The closed-form outside gradient and per-sample output Hessian (MSE / CE: no autograd call)
+    = autograd through the same loss as an opaque function (gradient and exact output Hessian)."""
+    model, _, x, y = _case(name[:name.index("-")])
+    loss_fn = CLOSED_FORM_LOSSES[name]
+    runs = []
+    for fn in (loss_fn, lambda o, t: loss_fn(o, t)):
+        model.zero_grad()
+        diag = hesscale.hessian_diagonal(model, fn, x, y, method=method)
+        runs.append((diag, {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (closed, closed_grad), (generic, generic_grad) = runs
+    assert closed.keys() == generic.keys() == closed_grad.keys()
+    for k in closed:
+        torch.testing.assert_close(closed[k], generic[k], **TOL)
+        torch.testing.assert_close(closed_grad[k], generic_grad[k], **TOL)
 
 
 def test_gn_equals_hesscale_on_relu(float64):
@@ -234,3 +250,31 @@ def test_ggn_mc_refuses_non_likelihood_losses():
 def test_unknown_method_lists_valid_ones():
     with pytest.raises(ValueError, match="hesscale_gn.*hutchinson"):
         hesscale.hessian_diagonal(nn.Linear(2, 2), nn.MSELoss(), torch.randn(3, 2), torch.randn(3, 2), method="hesian")
+
+
+def test_cached_capture_follows_the_model_and_the_method(float64):
+    """``hessian_diagonal`` reuses one capture per model and method; replacing a module or a
+    parameter, or deleting a module, takes effect at the next call, as on a fresh copy."""
+    import copy
+
+    model, loss_fn, x, y = _case("mse")
+
+    def check(method="hesscale"):
+        fresh = copy.deepcopy(model)  # a new object: nothing cached for it
+        ours = hesscale.hessian_diagonal(model, loss_fn, x, y, method=method)
+        ref = hesscale.hessian_diagonal(fresh, loss_fn, x, y, method=method)
+        assert ours.keys() == ref.keys() == dict(model.named_parameters()).keys()
+        for k in ref:
+            torch.testing.assert_close(ours[k], ref[k], **TOL)
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(p.hess_diag, ref[k], **TOL)
+
+    for method in ["hesscale", "hesscale_gn", "hesscale", "hesscale_gn"]:
+        check(method)
+    model[2] = nn.Linear(5, 5)
+    check()
+    model[0].weight = nn.Parameter(torch.randn(5, 4))
+    check()
+    del model[3:]  # the tanh and the last Linear: the output now has 5 features
+    y = torch.randn(len(x), 5)
+    check()

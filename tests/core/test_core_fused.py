@@ -297,3 +297,12 @@ def test_a_freed_outputs_id_is_not_taken_for_a_captured_output():
         if reused is None:
             pytest.skip("no tensor reused the freed id")
         assert not cap.is_captured_output(reused)
+
+
+def test_backward_without_a_loss_needs_the_closed_forms_on_the_fused_route():
+    model, x = _mlp(nn.Tanh), torch.randn(3, 4)
+    for fused in (True, False):
+        with hesscale.capture(model, fused=fused) as cap:
+            out = model(x)
+        with pytest.raises(ValueError, match="loss=None needs output_grads on the fused route"):
+            cap.backward(None, output_hessians={out: torch.ones_like(out)}, output_grads=None if fused else {out: out.detach()})
