@@ -108,22 +108,22 @@ def _capture_for(model: nn.Module, modules, method: str, per_sample: bool, fused
 
 def _sweep(model, loss_fn, inputs, targets, method, per_sample: bool = False, modules=None, fused: bool = True):
     cap, named, outside = _capture_for(model, modules, method, per_sample, fused)
-    loss = None
     with cap:
         output = model(inputs)
         closed = closed_form_output_derivatives(loss_fn, output, targets, elementwise_softmax=method == "bl89")
         if closed is not None and not cap.is_captured_output(output):
             closed = None
-        # the closed forms replace autograd where nothing else needs it: no loss graph is built
-        whole = closed is not None and fused and not outside and not any(p.requires_grad for p in cap.leaf_params)
-        if not (whole and (targets is None or not targets.requires_grad)):
-            loss = call_loss(loss_fn, output, targets)
+        # closed forms of the whole outside part: no autograd call and no loss graph, where nothing
+        # else needs one (no parameter outside the capture or read directly)
+        no_graph = closed is not None and fused and not outside and not any(p.requires_grad for p in cap.leaf_params)
+        loss = None if no_graph else call_loss(loss_fn, output, targets)
     if method == "bl89" and isinstance(loss_fn, nn.CrossEntropyLoss) and closed is None:
         raise ValueError("bl89 supports nn.CrossEntropyLoss with class-index targets, 2-D logits, no weight and no label smoothing")
     for _, p in named:
         p.hess_diag = None  # a parameter the loss does not reach this time gets none
-    if loss is None:
-        cap.backward(None, output_hessians={output: closed[1]}, output_grads={output: closed[0]})
+    given = None if closed is None else {output: closed[1]}
+    if no_graph:
+        cap.backward(None, output_hessians=given, output_grads={output: closed[0]})
     else:
-        cap.backward(loss, output_hessians=closed and {output: closed[1]}, external_grads=outside)
+        cap.backward(loss, output_hessians=given, external_grads=outside)
     return {name: p.hess_diag for name, p in named if p.hess_diag is not None}

@@ -278,3 +278,4 @@ def test_cached_capture_follows_the_model_and_the_method(float64):
     del model[3:]  # the tanh and the last Linear: the output now has 5 features
     y = torch.randn(len(x), 5)
     check()
+
