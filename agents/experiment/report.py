@@ -14,8 +14,8 @@ points are warned about; when all are that sparse, the training-episode returns
   (area under the curve / steps), min-max normalised per env, IQM and 95% CI over seeds, against
   the learning rate; cells with diverged runs are marked with a red x and "diverged/runs";
 * ``table.md`` and ``table.csv`` -- per (env, agent, opt, lr, variant) cell: runs, finished,
-  diverged, failed, IQM / mean of the final return with 95% CIs, IQM of the return averaged over
-  the run with its CI;
+  running, diverged, failed, the seeds in the statistics, IQM / mean of the final return with 95%
+  CIs, IQM of the return averaged over the run with its CI;
 * ``stability.md`` and ``stability.csv`` -- only when the learning rate varies: per (env, agent, opt,
   variant), the averaged return at each lr and worst ÷ best over the lrs
   (:mod:`agents.experiment.report_stability`);
@@ -148,8 +148,8 @@ def _markdown(table) -> str:
         return f"{v:.1f} [{lo:.1f}, {hi:.1f}]"
 
     one_variant = table["variant"].nunique() <= 1
-    head = ["env", "agent", "opt", "lr"] + ([] if one_variant else ["variant"]) + ["runs", "diverged", "failed",
-            "final IQM [95% CI]", "final mean [95% CI]", "avg-over-run IQM [95% CI]"]
+    head = ["env", "agent", "opt", "lr"] + ([] if one_variant else ["variant"]) + ["runs", "running", "diverged",
+            "failed", "seeds in the statistics", "final IQM [95% CI]", "final mean [95% CI]", "avg-over-run IQM [95% CI]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if one_variant and len(table) and table["variant"].iloc[0]:
         lines.insert(0, f"All runs: `{table['variant'].iloc[0]}`\n")
@@ -157,8 +157,9 @@ def _markdown(table) -> str:
         r = r.to_dict()
         lines.append("| " + " | ".join([
             str(r["env"]), str(r["agent"]), str(r["opt"]), _fmt_lr(float(r["lr"]))]
-            + ([] if one_variant else [str(r["variant"] or "")]) + [str(r["runs"]), str(r["diverged"]), str(r["failed"]),
-            ci(r, "final_iqm"), ci(r, "final_mean"), ci(r, "auc_iqm")]) + " |")
+            + ([] if one_variant else [str(r["variant"] or "")])
+            + [str(r["runs"]), str(r["running"]), str(r["diverged"]), str(r["failed"]), r["seeds"] or "–",
+               ci(r, "final_iqm"), ci(r, "final_mean"), ci(r, "auc_iqm")]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -54,6 +54,12 @@ def sweep(tmp_path: Path) -> Path:
     return root
 
 
+def test_a_running_run_is_counted_but_left_out_of_the_statistics(sweep: Path):
+    _run(sweep, "pendulum", "adam", 1e-3, 3, "running", evals=False)
+    md = Path(make_report(sweep, reps=30, points=20)["table_md"]).read_text()
+    assert "| pendulum | ppo | adam | 0.001 | 4 | 1 | 0 | 0 | 0,1,2 |" in md
+
+
 def test_report_writes_pngs_and_tables(sweep: Path):
     out = make_report(sweep, reps=30, points=20)
     assert out["runs"] == 2 * 2 * 3 * 3
@@ -73,6 +79,8 @@ def test_report_writes_pngs_and_tables(sweep: Path):
     assert cell.auc_iqm < t[(t.env == "hopper") & (t.opt == "hesscale") & (t.lr == 1e-2)].iloc[0].auc_iqm
     md = Path(out["table_md"]).read_text()
     assert "final IQM [95% CI]" in md and md.count("\n| pendulum") == 6
+    # a row says which seeds its statistics hold and how many runs are still running
+    assert "| hopper | ppo | hesscale | 0.0001 | 3 | 0 | 0 | 1 | 0,1 |" in md
     csv = Path(out["table_csv"]).read_text().splitlines()
     assert csv[0].startswith("env,agent,opt,lr,variant,runs,finished,diverged,failed")
     assert len(csv) == 13
