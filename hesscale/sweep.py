@@ -167,16 +167,6 @@ class capture:
                     y = forward(x.clone() if inplace else x, **kwargs)
                 finally:
                     torch._C._set_grad_enabled(True)
-                if not isinstance(y, Tensor):
-                    raise TypeError(f"captured module {path!r} must return one tensor")
-                # keep what the rule reads, as autograd keeps a node's saved tensors; the alias only
-                # weakly: the forward code, or a graph that reads it, holds it while it matters
-                alias = y.detach().requires_grad_(True)
-                self._alias_index[id(alias)] = len(self._calls)
-                self._calls.append(Call(module, path, rule, x if keep_x else None, y if keep_y else None,
-                                         weakref.ref(alias), producer, chain, graph))
-                self._internal.append(False)
-                return alias
             else:
                 x = x.detach().requires_grad_(live)
                 y = forward(x.clone() if inplace else x, **kwargs)
@@ -184,9 +174,16 @@ class capture:
                 raise TypeError(f"captured module {path!r} must return one tensor")
             if graph and not y.requires_grad:
                 return y
-            alias = y.view_as(y) if y.requires_grad else y.detach().requires_grad_(True)
+            if y.requires_grad:  # on autograd's graph or a local one: everything is kept
+                alias = y.view_as(y)
+                call = Call(module, path, rule, x, y, alias, producer, chain, graph)
+            else:  # a fused rule under no_grad: what the rule reads, as autograd keeps a node's saved
+                # tensors; the alias only weakly (the forward code, or a graph reading it, holds it)
+                alias = y.detach().requires_grad_(True)
+                call = Call(module, path, rule, x if keep_x else None, y if keep_y else None,
+                            weakref.ref(alias), producer, chain, graph)
             self._alias_index[id(alias)] = len(self._calls)
-            self._calls.append(Call(module, path, rule, x, y, alias, producer, chain, graph))
+            self._calls.append(call)
             self._internal.append(False)
             return alias
 
