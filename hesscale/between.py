@@ -50,6 +50,13 @@ class OpChain:
                 target.scatter(*pair, add)
 
 
+def chain_leaves(chain: OpChain | int) -> list[int]:
+    """The indices of the calls whose outputs a chain of known operations reads."""
+    if isinstance(chain, int):
+        return [chain]
+    return [i for c in chain.inputs if c is not None for i in chain_leaves(c)]
+
+
 class Unknown(Exception):
     """An operation without a transfer rule (its name is the message)."""
 

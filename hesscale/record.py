@@ -36,9 +36,3 @@ class Call:
         held = self.held
         return held() if type(held) is weakref.ref else held
 
-
-def chain_leaves(chain: OpChain | int) -> list[int]:
-    """The indices of the calls whose outputs a chain of known operations reads."""
-    if isinstance(chain, int):
-        return [chain]
-    return [i for c in chain.inputs if c is not None for i in chain_leaves(c)]

@@ -36,12 +36,12 @@ import torch
 from torch import Tensor, nn
 
 from . import unfused
-from .between import OpChain, Unknown, op_name, trace
+from .between import OpChain, Unknown, chain_leaves, op_name, trace
 from .fused import UNFUSED, accumulate_grad, fused_sweep, given_output_hessians, given_outside_gradients
 from .leaves import caller_stacklevel, direct_params_of_non_leaves, leaf_modules, named_roots
 from .names import SWEEP_METHODS
 from .output_hessians import exact_param_diag, exact_per_sample_diag
-from .record import Call, chain_leaves
+from .record import Call
 from .rules import Rule, rule_for
 
 _log = logging.getLogger("hesscale")
