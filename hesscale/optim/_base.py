@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _common
 from ._common import (
     bias_corrected_denominators,
     check_betas,
@@ -175,16 +176,37 @@ def foreach_update(
         θ ← θ·(1 − lr·wd),  m ← EMA_β1(g),  v ← EMA_β2(ĥ², or |ĥ| unless squared),
         θ ← θ − lr·(m/bc1) / ((v/bc2)^power + eps)
 
-    writing ``sqrt(v)`` into ``roots`` if given.
+    writing ``sqrt(v)`` into ``roots`` if given. The tensors go in batches of at most
+    ``FLAT_LIMIT`` elements (or one tensor), so the denominators (and ``|ĥ|``) a batch allocates
+    stay that small: the peak is the largest batch's, not the group's size again.
     """
     lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, hess, exp_avgs, second_moments], with_indices=True
     )
-    for (p, g, h, m, v), indices in grouped.values():
-        if weight_decay != 0.0:
-            torch._foreach_mul_(p, 1.0 - lr * weight_decay)
-        update_moments(g, h, m, v, beta1, beta2, squared=squared)
-        rs = [roots[i] for i in indices] if roots is not None else None
-        denom, scale = bias_corrected_denominators(v, [steps[i] for i in indices], lr, beta1, beta2, eps, power, rs)
-        torch._foreach_addcdiv_(p, m, denom, negated(scale))
+    for tensors, indices in grouped.values():
+        for batch in element_batches([tensors[0][k].numel() for k in range(len(indices))]):
+            p, g, h, m, v = ([ts[k] for k in batch] for ts in tensors)
+            if weight_decay != 0.0:
+                torch._foreach_mul_(p, 1.0 - lr * weight_decay)
+            update_moments(g, h, m, v, beta1, beta2, squared=squared)
+            rs = [roots[indices[k]] for k in batch] if roots is not None else None
+            denom, scale = bias_corrected_denominators(
+                v, [steps[indices[k]] for k in batch], lr, beta1, beta2, eps, power, rs
+            )
+            torch._foreach_addcdiv_(p, m, denom, negated(scale))
+
+
+def element_batches(sizes: list[int], limit: int | None = None) -> list[list[int]]:
+    """Consecutive positions of ``sizes`` in batches of at most ``limit`` (default ``FLAT_LIMIT``)
+    elements in all; a larger tensor is a batch of its own."""
+    limit = _common.FLAT_LIMIT if limit is None else limit
+    batches: list[list[int]] = []
+    total = 0
+    for k, n in enumerate(sizes):
+        if not batches or total + n > limit:
+            batches.append([])
+            total = 0
+        batches[-1].append(k)
+        total += n
+    return batches

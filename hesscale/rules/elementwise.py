@@ -159,17 +159,24 @@ _ONES: dict = {}
 
 
 def _tanh_pair(m, y, g, d, gauss_newton):
-    """``s = 1 − y²``: ``(s·g, s·(s·d − 2y·g))`` (GN: ``s²·d``)."""
+    """``s = 1 − y²``: ``(s·g, s·(s·d − 2y·g))`` (GN: ``s²·d``); two new tensors, the rest in place."""
     s = torch.addcmul(_one(y), y, y, value=-1)
     t = s * d
-    return s * g, (t if gauss_newton else torch.addcmul(t, y, g, value=-2)).mul_(s)
+    if not gauss_newton:
+        t.addcmul_(y, g, value=-2)
+    t.mul_(s)
+    return s.mul_(g), t
 
 
 def _sigmoid_pair(m, y, g, d, gauss_newton):
-    """``s = y(1 − y)``: ``(s·g, s·(s·d + (1 − 2y)·g))`` (GN: ``s²·d``)."""
+    """``s = y(1 − y)``: ``(s·g, s·(s·d + (1 − 2y)·g))`` (GN: ``s²·d``); two new tensors (and
+    ``1 − 2y`` for a moment), the rest in place."""
     s = torch.addcmul(y, y, y, value=-1)
     t = s * d
-    return s * g, (t if gauss_newton else torch.addcmul(t, torch.add(_one(y), y, alpha=-2), g)).mul_(s)
+    if not gauss_newton:
+        t.addcmul_(torch.add(_one(y), y, alpha=-2), g)
+    t.mul_(s)
+    return s.mul_(g), t
 
 
 def _relu_pair(m, y, g, d, gauss_newton):

@@ -11,6 +11,7 @@ from hesscale.optim import AdaHesScale, MissingCurvatureError
 
 from optim_helpers import (assert_rewound_optimizer_continues_identically, assert_steps_in_lockstep,  # noqa: F401
                            both_paths, draw)
+from memory_helpers import memory_timeline
 from optim_helpers import make_params as _make_params
 
 SHAPES = [(3, 4), (4,), (2, 3)]
@@ -263,3 +264,31 @@ def test_loading_a_checkpoint_into_a_used_optimizer_rewinds_it():
     opt = AdaHesScale(params, lr=0.1)
     gen = torch.Generator().manual_seed(6)
     assert_rewound_optimizer_continues_identically(opt, params, lambda ps: AdaHesScale(ps, lr=0.1), gen)
+
+
+@pytest.mark.parametrize("variant", ["adam", "sqrt"])  # ĥ² and |ĥ| (the latter makes a temporary too)
+def test_large_group_step_allocates_one_batch_of_temporaries(monkeypatch, variant):
+    """A group above ``FLAT_LIMIT`` steps in batches of at most ``FLAT_LIMIT`` elements: the
+    denominators it allocates are one tensor's, not the group's (8 tensors here), and the steps
+    are those of the unbatched update."""
+    from hesscale.optim import _base, _common
+
+    monkeypatch.setattr(_common, "FLAT_LIMIT", 64 * 64)  # every 64×64 tensor a batch of its own
+    twins = []
+    for batched in (True, False):
+        params = _make_params([(64, 64)] * 8, dtype=torch.float32)
+        opt = AdaHesScale(params, lr=1e-2, variant=variant)
+        if not batched:
+            monkeypatch.setattr(_base, "element_batches", lambda sizes: [list(range(len(sizes)))])
+        gen = torch.Generator().manual_seed(0)
+        draw(params, gen)
+        opt.step()  # the state exists before the measured step
+        draw(params, gen)
+        peak, end = memory_timeline(opt.step)
+        twins.append((params, peak - end))
+    (batched, extra_batched), (whole, extra_whole) = twins
+    for p, q in zip(batched, whole):
+        assert torch.equal(p.detach(), q.detach())
+    one_tensor = 64 * 64 * 4
+    assert extra_whole >= 8 * one_tensor  # the check can tell the two apart
+    assert extra_batched < 3 * one_tensor  # a denominator (and |ĥ|), and a few scalars
