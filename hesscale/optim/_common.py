@@ -30,10 +30,12 @@ __all__ = [
 
 # Up to this many elements, element-wise work over a list of tensors is launch-bound on CPU and
 # is done on flat copies / with foreach launches; above it, memory traffic dominates and the
-# optimizers avoid extra copies instead. 2^17 holds SB3's 256×256 nets (a PPO/SAC network of
-# ~72k entries: the flat scaled step ≈ 0.75–1.0 Adam steps against 1.1–1.3 per parameter); the
-# 873k-entry MLP is faster per parameter. (Tests lower it to run both code paths.)
-FLAT_LIMIT = 131_072
+# optimizers avoid extra copies instead. 2^18 holds SB3's 256×256 nets whole: a SAC actor (~72k
+# entries), its twin critics and PPO's separate 256×256 actor and critic (~143k, the main job's
+# group: its scaled AdaHesScale step 916 → 585 µs, Adam's 775 µs); a group of four 256×256 layers
+# (263k) is still faster flat (650 against 741 µs), the 873k-entry MLP per tensor.
+# (Tests lower it to run both code paths.)
+FLAT_LIMIT = 262_144
 
 
 class MissingCurvatureError(RuntimeError):
