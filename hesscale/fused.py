@@ -57,23 +57,25 @@ def fused_sweep(
 
     with torch.no_grad():
         for i in reversed(range(len(calls))):
-            g_out, d_out = g_acc[i], d_acc[i]
-            g_acc[i] = d_acc[i] = None  # freed once used, as autograd frees its buffers
-            if g_out is None and d_out is None:
+            streams = [g_acc[i], d_acc[i]]
+            g_acc[i] = d_acc[i] = None  # handed to the rule, which frees them once used
+            if streams[0] is None and streams[1] is None:
                 continue
             call = calls[i]
-            if g_out is None:  # the other has the output's shape (the call may keep no output)
-                g_out = torch.zeros_like(d_out)
-            if d_out is None:
-                d_out = torch.zeros_like(g_out)
+            if streams[0] is None:  # the other has the output's shape (the call may keep no output)
+                streams[0] = torch.zeros_like(streams[1])
+            if streams[1] is None:
+                streams[1] = torch.zeros_like(streams[0])
             need_input = call.producer is not None or call.chain is not None
             if call.rule.fused:
                 routes[call.path] = FUSED
-                out = call.rule.fused_backward(call.module, call.x, call.y, g_out, d_out, gauss_newton, per_sample, need_input)
+                out = call.rule.fused_backward_from(call.module, call.x, call.y, streams, gauss_newton, per_sample, need_input)
             else:
                 routes[call.path] = AUTOGRAD
-                out = _vjp_backward(call, g_out, d_out, gauss_newton, per_sample, need_input)
+                out = _vjp_backward(call, *streams, gauss_newton, per_sample, need_input)
+            del streams
             p_grads, p_hess, g_in, d_in = out
+            del out
             calls[i] = None  # its recorded tensors are freed once used, as autograd frees saved ones
             owned = call.module._parameters
             for name, g in p_grads.items():
@@ -86,6 +88,7 @@ def fused_sweep(
                 add(call.producer, g_in, d_in)
             elif call.chain is not None:
                 call.chain.scatter(g_in, d_in, add)
+            del g_in, d_in  # the producer's entries hold them now (none holds what no call reads)
     return grads, hess
 
 

@@ -61,3 +61,21 @@ class Rule:
         :meth:`input_diag`), else ``None``. Only for rules with ``fused = True``; ``x`` or ``y`` is
         ``None`` where :attr:`fused_reads` leaves it out."""
         raise NotImplementedError
+
+    def fused_backward_from(
+        self,
+        module: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        streams: list[Tensor],
+        gauss_newton: bool,
+        per_sample: bool,
+        need_input: bool,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor | None, Tensor | None]:
+        """:meth:`fused_backward` with ``[g_out, d_out]`` handed over in ``streams``, which the rule
+        empties: the engine then holds neither, so a rule may drop each after its last use (as
+        autograd frees a node's incoming gradient). The default empties it and calls
+        :meth:`fused_backward`."""
+        g_out, d_out = streams
+        streams.clear()
+        return self.fused_backward(module, x, y, g_out, d_out, gauss_newton, per_sample, need_input)

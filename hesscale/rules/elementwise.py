@@ -24,7 +24,7 @@ class ElementwiseRule(Rule):
     def __init__(self, first: Derivative, second: Optional[Derivative] = None, pair: Optional[Callable] = None):
         self.first = first
         self.second = second
-        self.pair = pair  # optional ``(m, y, g, d, gauss_newton) -> (g_in, d_in)`` in fewer ops, from y alone
+        self.pair = pair  # optional ``(m, y, [g, d], gauss_newton) -> (g_in, d_in)`` in fewer ops, from y alone
         self.needs_grad_output = second is not None
         if pair is not None:
             self.fused_reads = frozenset({"y"})  # the input is freed after the forward
@@ -38,10 +38,16 @@ class ElementwiseRule(Rule):
         return d_in
 
     def fused_backward(self, module, x, y, g_out, d_out, gauss_newton, per_sample, need_input):
+        return self.fused_backward_from(module, x, y, [g_out, d_out], gauss_newton, per_sample, need_input)
+
+    def fused_backward_from(self, module, x, y, streams, gauss_newton, per_sample, need_input):
         if not need_input:
+            streams.clear()
             return {}, {}, None, None
         if self.pair is not None:
-            return ({}, {}, *self.pair(module, y, g_out, d_out, gauss_newton))
+            return ({}, {}, *self.pair(module, y, streams, gauss_newton))
+        g_out, d_out = streams
+        streams.clear()
         s1 = self.first(module, x, y)
         d_in = s1.square() * d_out
         if self.second is not None and not gauss_newton:
@@ -158,35 +164,46 @@ def _one(y: Tensor) -> Tensor:
 _ONES: dict = {}
 
 
-def _tanh_pair(m, y, g, d, gauss_newton):
+def _tanh_pair(m, y, streams, gauss_newton):
     """``s = 1 − y²``: ``(s·g, s·(s·d − 2y·g))`` (GN: ``s²·d``); two new tensors, the rest in place."""
+    g, d = streams
+    streams.clear()
     s = torch.addcmul(_one(y), y, y, value=-1)
     t = s * d
+    del d
     if not gauss_newton:
         t.addcmul_(y, g, value=-2)
     t.mul_(s)
     return s.mul_(g), t
 
 
-def _sigmoid_pair(m, y, g, d, gauss_newton):
+def _sigmoid_pair(m, y, streams, gauss_newton):
     """``s = y(1 − y)``: ``(s·g, s·(s·d + (1 − 2y)·g))`` (GN: ``s²·d``); two new tensors (and
     ``1 − 2y`` for a moment), the rest in place."""
+    g, d = streams
+    streams.clear()
     s = torch.addcmul(y, y, y, value=-1)
     t = s * d
+    del d
     if not gauss_newton:
         t.addcmul_(torch.add(_one(y), y, alpha=-2), g)
     t.mul_(s)
     return s.mul_(g), t
 
 
-def _relu_pair(m, y, g, d, gauss_newton):
+def _relu_pair(m, y, streams, gauss_newton):
     """``mask = y > 0`` (as ``x > 0``): ``(mask·g, mask·d)``, by autograd's own ReLU kernel, which
-    also reads the output (no float mask made)."""
-    return torch.ops.aten.threshold_backward(g, y, 0), torch.ops.aten.threshold_backward(d, y, 0)
+    also reads the output (no float mask made); ``g`` is dropped before ``D``'s result is made."""
+    g, d = streams
+    streams.clear()
+    g_in = torch.ops.aten.threshold_backward(g, y, 0)
+    del g
+    return g_in, torch.ops.aten.threshold_backward(d, y, 0)
 
 
 #: module type → the fused ``(g_in, d_in)`` of the commonest activations, in the fewest ops, from
-#: the output alone (the engine then keeps no copy of the input, as autograd's own nodes)
+#: the output alone (the engine then keeps no copy of the input, as autograd's own nodes); each
+#: takes ``[g, d]`` as a list it empties (:meth:`Rule.fused_backward_from`)
 PAIRS = {nn.Tanh: _tanh_pair, nn.Sigmoid: _sigmoid_pair, nn.ReLU: _relu_pair}
 
 

@@ -38,22 +38,34 @@ class LinearRule(Rule):
         return d_out.matmul(module.weight.square())
 
     def fused_backward(self, module, x, y, g_out, d_out, gauss_newton, per_sample, need_input):
-        if x.dim() == 2:  # SB3's networks: no reshapes (each costs about a third of a small op)
-            x2d, g, d = x, g_out, d_out
-        else:
-            x2d, g, d = x.reshape(-1, x.shape[-1]), g_out.reshape(-1, g_out.shape[-1]), d_out.reshape(-1, d_out.shape[-1])
-        grads = {"weight": torch.mm(g.t(), x2d)}
+        return self.fused_backward_from(module, x, y, [g_out, d_out], gauss_newton, per_sample, need_input)
+
+    def fused_backward_from(self, module, x, y, streams, gauss_newton, per_sample, need_input):
+        """The curvature half first, ``D`` dropped after its last use, then the gradient half; each
+        squared operand (``W∘W``, ``x∘x``) is freed by the product that reads it. At most ``g``,
+        ``x``, ``D_in``, ``ĥ_W``, ``g_in``, ``∂L/∂W`` are alive together (autograd: ``g``, ``x``,
+        ``g_in``, ``∂L/∂W``)."""
+        g_out, d_out = streams
+        streams.clear()
+        w = module.weight
+        flat = x.dim() == 2  # SB3's networks: no reshapes (each costs about a third of a small op)
+        x2d = x if flat else x.reshape(-1, x.shape[-1])
+        d = d_out if flat else d_out.reshape(-1, d_out.shape[-1])
+        d_in = None
+        if need_input:
+            d_in = torch.mm(d, w.square()) if flat else d_out.matmul(w.square())
         if per_sample:
             hess = self.param_diag(module, x, y, d_out, per_sample)
         else:
             hess = {"weight": torch.mm(d.t(), x2d.square())}
+            if module.bias is not None:
+                hess["bias"] = d.sum(0)
+        del d, d_out  # the curvature stream is used up: free it before the gradient half
+        g = g_out if flat else g_out.reshape(-1, g_out.shape[-1])
+        g_in = None
+        if need_input:
+            g_in = torch.mm(g, w) if flat else g_out.matmul(w)
+        grads = {"weight": torch.mm(g.t(), x2d)}
         if module.bias is not None:
             grads["bias"] = g.sum(0)
-            if not per_sample:
-                hess["bias"] = d.sum(0)
-        if not need_input:
-            return grads, hess, None, None
-        w = module.weight
-        if x.dim() == 2:
-            return grads, hess, torch.mm(g, w), torch.mm(d, w.square())
-        return grads, hess, g_out.matmul(w), d_out.matmul(w.square())
+        return grads, hess, g_in, d_in

@@ -266,24 +266,28 @@ def test_fused_forward_keeps_what_autograd_saves(net):
     assert cap.routes and set(cap.routes.values()) == {"fused"}
 
 
-@pytest.mark.parametrize("act", [nn.Tanh, nn.Sigmoid])
-def test_smooth_activation_pairs_peak_no_higher_than_relus(act):
-    """The tanh/sigmoid pairs (``g_in``, ``D_in`` with the second-derivative term) allocate their two
-    results and nothing that outlives an op, so the sweep's peak equals that of the same net with
-    ReLU, whose pair is two masks (it was 1.9× / 2.1× autograd's backward against ReLU's 1.7×)."""
-    def peak(a):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(17, 64), a(), nn.Linear(64, 64), a(), nn.Linear(64, 6))
-        x, y = torch.randn(64, 17), torch.randn(64, 6)
+@pytest.mark.parametrize("act", [nn.Tanh, nn.Sigmoid, nn.ReLU])
+def test_sweep_peaks_near_autograds_backward(act):
+    """The reverse walk's working set: each rule frees its incoming ``(g, D)`` after their last use
+    (:meth:`~hesscale.rules.base.Rule.fused_backward_from`), a Linear makes its curvature half
+    first, the activation pairs allocate only their results. One ``hessian_diagonal`` (gradient and
+    ĥ) then peaks at 1.55× (tanh, sigmoid) and 1.40× (ReLU) what forward + ``loss.backward()``
+    peak at on SB3's 64×64 net, N = 64 (the engine before these changes: 1.89×, 2.06×, 1.72×)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(17, 64), act(), nn.Linear(64, 64), act(), nn.Linear(64, 6))
+    x, y = torch.randn(64, 17), torch.randn(64, 6)
 
-        def update():
-            model.zero_grad(set_to_none=True)
-            hesscale.hessian_diagonal(model, nn.MSELoss(), x, y)
+    def first_order():
+        model.zero_grad(set_to_none=True)
+        nn.MSELoss()(model(x), y).backward()
 
-        update()  # the capture is made and cached
-        return memory_timeline(update)[0]
+    def curvature():
+        model.zero_grad(set_to_none=True)
+        hesscale.hessian_diagonal(model, nn.MSELoss(), x, y)
 
-    assert peak(act) <= peak(nn.ReLU) + 64  # + a few 0-d constants (the cached 1 of ``1 − y²``)
+    curvature()  # the capture is made and cached
+    bound = 1.45 if act is nn.ReLU else 1.6
+    assert memory_timeline(curvature)[0] <= bound * memory_timeline(first_order)[0]
 
 
 def test_a_freed_outputs_id_is_not_taken_for_a_captured_output():
