@@ -83,13 +83,11 @@ def main_job(opt: str) -> tuple[dict, dict | None]:
     """``(agent kwargs, optimizer spec)`` of the main job (``make train``: ``agent=ppo opt=<opt>
     env=halfcheetah``, RL Zoo's tuned PPO: 256×256 ReLU, n_steps 512, 20 epochs, its learning rate)
     as the configs resolve it; the environment stays unnormalised (no effect on ``train()``)."""
-    from hydra import compose, initialize_config_dir
-
     from agents.experiment.build import agent_kwargs, optimizer_spec, policy_kwargs
+    from agents.experiment.compose import compose_config
     from agents.experiment.validation import validate
 
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        c = validate(compose("config", overrides=["agent=ppo", f"opt={opt}", "env=halfcheetah"]))
+    c = validate(compose_config(["agent=ppo", f"opt={opt}", "env=halfcheetah"]))
     kwargs = dict(agent_kwargs(c), policy_kwargs=policy_kwargs(c), learning_rate=float(c["opt"]["lr"]))
     return kwargs, optimizer_spec(c)
 

@@ -115,16 +115,14 @@ def main(argv: list[str] | None = None) -> dict:
     args, overrides = ap.parse_known_args(argv)
 
     import torch
-    from hydra import compose, initialize_config_dir
     from stable_baselines3.common.callbacks import BaseCallback
 
     from agents.experiment.build import build_model
+    from agents.experiment.compose import compose_config
     from agents.experiment.envs import make_train_env
     from agents.experiment.validation import validate
 
-    configs = Path(__file__).resolve().parents[1] / "configs"
-    with initialize_config_dir(str(configs), version_base="1.3"):
-        c = validate(compose("config", overrides=[*DEFAULT_OVERRIDES, *overrides]))
+    c = validate(compose_config([*DEFAULT_OVERRIDES, *overrides]))
     torch.set_num_threads(c["threads"])
     env = make_train_env(c)
     model = build_model(c, env)

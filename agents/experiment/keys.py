@@ -20,7 +20,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+from agents.experiment.compose import CONFIGS
+
 #: maps whose keys are arguments of something else, not part of the schema
 OPEN_MAPS = ("agent.kwargs", "agent.policy_kwargs", "opt.kwargs", "env.kwargs")
 #: the keys of an ``agent/*.yaml`` and of an ``env/*.yaml`` file

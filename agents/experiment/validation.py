@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from agents.experiment.build import ACTIVATIONS, optimizer_spec
+from agents.experiment.compose import CONFIGS
 from agents.experiment.errors import ConfigError
 from agents.experiment.keys import unknown_keys, unknown_open_keys
 from agents.optimizers import (ACTOR_CURVATURE, ALGOS, CURVATURE_METHODS, FIRST_ORDER, KWARG_RANGES, OPTIMIZER_NAMES,
@@ -61,7 +62,7 @@ CHOICES: dict[str, tuple[tuple, bool]] = {
     "agent.cls": (AGENT_CLASSES, False),
 }
 #: the schema every ``configs/opt/*.yaml`` starts from: its keys, their types and defaults
-OPT_SCHEMA = Path(__file__).resolve().parents[2] / "configs" / "opt" / "schema" / "base.yaml"
+OPT_SCHEMA = CONFIGS / "opt" / "schema" / "base.yaml"
 
 
 def schema_leaves(path: Path = OPT_SCHEMA, prefix: str = "opt") -> dict[str, Any]:

@@ -26,15 +26,14 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
-from hydra import compose, initialize_config_dir
 from stable_baselines3.common.callbacks import EvalCallback, StopTrainingOnRewardThreshold
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.monitor import Monitor
 
 import agents
+from agents.experiment.compose import compose_config
 from agents.experiment.run import train
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 THRESHOLD = 400.0
 BUDGET = 65_536
@@ -73,10 +72,9 @@ SHIPPED_THRESHOLD = 950.0
 
 def best_evaluation(overrides: list[str], run_dir: Path, steps: int, freq: int) -> float:
     """The best mean evaluation return of a run built by the experiment code itself."""
-    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        cfg = compose("config", overrides=["env=inverted_pendulum", f"total_timesteps={steps}", f"eval.freq={freq}",
-                                           "eval.n_episodes=5", "save_model=false", "checkpoint.freq=0",
-                                           "progress_bar=false", "threads=1", *overrides])
+    cfg = compose_config(["env=inverted_pendulum", f"total_timesteps={steps}", f"eval.freq={freq}",
+                          "eval.n_episodes=5", "save_model=false", "checkpoint.freq=0", "progress_bar=false",
+                          "threads=1", *overrides])
     assert train(cfg, run_dir)["status"] == "finished"
     return float(np.load(run_dir / "evaluations.npz")["results"].mean(axis=1).max())
 

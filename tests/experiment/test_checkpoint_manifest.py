@@ -7,12 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
+from agents.experiment.compose import compose_config
 from agents.experiment.run import train
 from agents.experiment.store import MANIFEST, STATE_FILE, CheckpointStore
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _writer(payload: bytes):
@@ -75,8 +74,7 @@ def test_a_run_resumes_from_the_previous_checkpoint_when_the_latest_was_edited(t
                  "agent.kwargs.n_epochs=1", "++agent.policy_kwargs.net_arch=[16]", "total_timesteps=600",
                  "eval.freq=0", "eval.n_episodes=1", "progress_bar=false", "checkpoint.freq=200",
                  "checkpoint.keep=2", "checkpoint.keep_when_done=true"]
-    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose_config(overrides)
     assert train(cfg, tmp_path)["status"] == "finished"
     result = json.loads((tmp_path / "result.json").read_text())
     (tmp_path / "result.json").write_text(json.dumps({**result, "status": "failed"}))  # failed runs resume

@@ -9,29 +9,23 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 
+from agents.experiment.compose import CONFIGS, compose_config
 from agents.experiment.run import train
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TINY_PPO = ["agent=ppo", "opt=adam", "agent.kwargs.n_steps=64", "agent.kwargs.batch_size=32",
             "eval.freq=0", "eval.n_episodes=1", "progress_bar=false"]
 
 
-def _cfg(overrides):
-    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        return compose("config", overrides=overrides)
-
-
 def test_done_runs_are_skipped_and_rerun_is_explicit(tmp_path: Path):
-    cfg = _cfg([*TINY_PPO, "env=pendulum", "total_timesteps=64"])
+    cfg = compose_config([*TINY_PPO, "env=pendulum", "total_timesteps=64"])
     r1 = train(cfg, tmp_path)
     assert r1["status"] == "finished" and not r1.get("skipped")
     stamp = (tmp_path / "result.json").stat().st_mtime_ns
     r2 = train(cfg, tmp_path)
     assert r2["skipped"] and r2["status"] == "finished"
     assert (tmp_path / "result.json").stat().st_mtime_ns == stamp
-    r3 = train(_cfg([*TINY_PPO, "env=pendulum", "total_timesteps=64", "rerun=true"]), tmp_path)
+    r3 = train(compose_config([*TINY_PPO, "env=pendulum", "total_timesteps=64", "rerun=true"]), tmp_path)
     assert r3["status"] == "finished" and not r3.get("skipped")
     assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1  # old events cleared
 
@@ -39,7 +33,7 @@ def test_done_runs_are_skipped_and_rerun_is_explicit(tmp_path: Path):
 def test_a_locked_run_directory_is_left_alone(tmp_path: Path):
     with open(tmp_path / ".lock", "a+") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        r = train(_cfg([*TINY_PPO, "env=pendulum", "total_timesteps=64"]), tmp_path)
+        r = train(compose_config([*TINY_PPO, "env=pendulum", "total_timesteps=64"]), tmp_path)
     assert r["status"] == "locked" and not (tmp_path / "result.json").exists()
 
 
@@ -60,7 +54,7 @@ class _UnstablePendulum(gym.Wrapper):
 def test_mujoco_instability_ends_the_run_diverged(tmp_path: Path):
     if "UnstablePendulumTest-v0" not in gym.registry:
         gym.register("UnstablePendulumTest-v0", entry_point=_UnstablePendulum, max_episode_steps=1000)
-    cfg = _cfg([*TINY_PPO, "env=inverted_pendulum", "env.id=UnstablePendulumTest-v0", "total_timesteps=640"])
+    cfg = compose_config([*TINY_PPO, "env=inverted_pendulum", "env.id=UnstablePendulumTest-v0", "total_timesteps=640"])
     r = train(cfg, tmp_path)
     assert r["status"] == "diverged", r
     assert "MuJoCo instability" in r["divergence"]["reason"] and "BADQVEL" in r["divergence"]["reason"]
@@ -76,7 +70,7 @@ def test_a_crash_is_recorded_as_failed_and_returns(tmp_path: Path, monkeypatch):
         raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(eval_history, "eval_callback", boom)
-    r = train(_cfg([*TINY_PPO, "env=pendulum", "total_timesteps=64"]), tmp_path)
+    r = train(compose_config([*TINY_PPO, "env=pendulum", "total_timesteps=64"]), tmp_path)
     assert r["status"] == "failed" and "simulated crash" in r["error"]
     assert "simulated crash" in (tmp_path / "error.txt").read_text()
     assert json.loads((tmp_path / "result.json").read_text())["status"] == "failed"

@@ -3,27 +3,19 @@ open maps are checked against the signatures they are passed to."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from agents.experiment.compose import CONFIGS, compose_config
 from agents.experiment.errors import ConfigError
 from agents.experiment.keys import AGENT_KEYS, ENV_KEYS, known_tree, unknown_keys
 from agents.experiment.validation import validate
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
-def _compose(overrides):
-    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 def _error(overrides) -> str:
     with pytest.raises(ConfigError) as e:
-        validate(_compose(["env=pendulum", *overrides]))
+        validate(compose_config(["env=pendulum", *overrides]))
     return str(e.value)
 
 
@@ -42,13 +34,13 @@ def _error(overrides) -> str:
 ])
 def test_unknown_keys_are_refused_with_the_nearest_valid_one(override, message):
     if message is None:
-        validate(_compose(["env=pendulum", override]))
+        validate(compose_config(["env=pendulum", override]))
     else:
         assert message in _error([override])
 
 
 def test_a_typo_in_a_yaml_file_is_refused():
-    cfg = _compose(["env=pendulum"])
+    cfg = compose_config(["env=pendulum"])
     OmegaConf.set_struct(cfg, False)
     typo = OmegaConf.merge(cfg, OmegaConf.create("env:\n  clip_ob: 5.0\n"))  # as a YAML file would add it
     with pytest.raises(ConfigError, match=r"env\.clip_ob: unknown key \(did you mean env\.clip_obs\?\)"):
@@ -56,7 +48,7 @@ def test_a_typo_in_a_yaml_file_is_refused():
 
 
 def test_env_kwargs_of_a_mujoco_env_reach_its_base_class_arguments():
-    validate(_compose(["env=hopper", "+env.kwargs.ctrl_cost_weight=1e-3", "+env.kwargs.max_episode_steps=500"]))
+    validate(compose_config(["env=hopper", "+env.kwargs.ctrl_cost_weight=1e-3", "+env.kwargs.max_episode_steps=500"]))
     assert "did you mean ctrl_cost_weight?" in _error(["env=hopper", "+env.kwargs.ctrl_cost_weigth=1e-3"])
 
 
@@ -70,5 +62,5 @@ def test_every_group_file_uses_the_declared_keys(group, keys):
 def test_every_shipped_choice_composes_without_unknown_keys():
     for group in ("agent", "env", "opt"):
         for f in (CONFIGS / group).glob("*.yaml"):
-            c = OmegaConf.to_container(_compose([f"{group}={f.stem}"]), resolve=False)
+            c = OmegaConf.to_container(compose_config([f"{group}={f.stem}"]), resolve=False)
             assert unknown_keys(c, known_tree()) == [], f

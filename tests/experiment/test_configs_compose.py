@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from agents.experiment.build import build_model, optimizer_spec
+from agents.experiment.compose import CONFIGS, compose_config
 from agents.experiment.validation import ConfigError, validate
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 AGENTS = sorted(p.stem for p in (CONFIGS / "agent").glob("*.yaml"))
 OPTS = sorted(p.stem for p in (CONFIGS / "opt").glob("*.yaml"))
 ENVS = sorted(p.stem for p in (CONFIGS / "env").glob("*.yaml"))
@@ -21,11 +18,6 @@ SWEEPS = sorted(p.stem for p in (CONFIGS / "sweep").glob("*.yaml"))
 # Small buffers so that building a model is instant (SAC's default buffer is 1e6 transitions).
 SMALL = {"ppo": ["agent.kwargs.n_steps=64", "agent.kwargs.batch_size=32"],
          "a2c": [], "sac": ["agent.kwargs.buffer_size=1000"]}
-
-
-def _compose(overrides: list[str], hydra_cfg: bool = False):
-    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        return compose("config", overrides=overrides, return_hydra_config=hydra_cfg)
 
 
 def test_groups_have_the_documented_options():
@@ -40,7 +32,7 @@ def test_groups_have_the_documented_options():
 
 
 def test_defaults():
-    cfg = _compose([], hydra_cfg=True)
+    cfg = compose_config(return_hydra_config=True)
     assert cfg.agent.name == "ppo" and cfg.opt.name == "adam" and cfg.env.id == "HalfCheetah-v5"
     assert cfg.total_timesteps == 1_000_000
     assert cfg.hydra.runtime.choices.tuned == "ppo_halfcheetah"
@@ -55,7 +47,7 @@ def test_agent_opt_compose_and_instantiate(agent, opt):
     from agents.experiment.envs import make_train_env
     from agents.optimizers import normalize_optimizer_config, uses_curvature
 
-    cfg = _compose([f"agent={agent}", f"opt={opt}", "env=pendulum", *SMALL[agent]])
+    cfg = compose_config([f"agent={agent}", f"opt={opt}", "env=pendulum", *SMALL[agent]])
     c = validate(cfg)
     assert c["opt"]["lr"] == cfg.agent.lr > 0 and "lr" not in c["agent"]  # one learning rate, opt.lr
     spec = optimizer_spec(c)
@@ -76,10 +68,10 @@ def test_agent_opt_compose_and_instantiate(agent, opt):
 
 @pytest.mark.parametrize("agent,default_opt", [("ppo", "adam"), ("sac", "adam"), ("a2c", "rmsprop")])
 def test_sb3_default_optimizer_is_none(agent, default_opt):
-    c = validate(_compose([f"agent={agent}", f"opt={default_opt}", "env=pendulum"]))
+    c = validate(compose_config([f"agent={agent}", f"opt={default_opt}", "env=pendulum"]))
     assert optimizer_spec(c) is None
     other = "rmsprop" if default_opt == "adam" else "adam"
-    spec = optimizer_spec(validate(_compose([f"agent={agent}", f"opt={other}", "env=pendulum"])))
+    spec = optimizer_spec(validate(compose_config([f"agent={agent}", f"opt={other}", "env=pendulum"])))
     assert spec["name"] == other and not spec["scaling"]["enabled"]
 
 
@@ -89,7 +81,7 @@ def test_a2c_adam_is_sb3_adam_and_rmsprop_is_sb3_default():
     from agents.experiment.envs import make_train_env
 
     for opt, cls, eps in (("adam", torch.optim.Adam, 1e-5), ("rmsprop", torch.optim.RMSprop, 1e-5)):
-        c = validate(_compose(["agent=a2c", f"opt={opt}", "env=pendulum"]))
+        c = validate(compose_config(["agent=a2c", f"opt={opt}", "env=pendulum"]))
         env = make_train_env(c)
         model = build_model(c, env)
         env.close()
@@ -101,8 +93,8 @@ def test_a2c_adam_is_sb3_adam_and_rmsprop_is_sb3_default():
 
 def test_hesscale_is_an_alias_of_adahesscale_scaled():
     """The files are one optimizer; only ``opt=hesscale`` takes per-agent defaults (opt_agent/)."""
-    a = OmegaConf.to_container(_compose(["opt=hesscale", "opt_agent=none"]).opt, resolve=True)
-    b = OmegaConf.to_container(_compose(["opt=adahesscale_scaled"]).opt, resolve=True)
+    a = OmegaConf.to_container(compose_config(["opt=hesscale", "opt_agent=none"]).opt, resolve=True)
+    b = OmegaConf.to_container(compose_config(["opt=adahesscale_scaled"]).opt, resolve=True)
     assert a.pop("name") == "hesscale" and b.pop("name") == "adahesscale_scaled"
     assert a == b
     assert a["scaling"]["enabled"] is True and a["curvature"] == "hesscale"
@@ -110,7 +102,7 @@ def test_hesscale_is_an_alias_of_adahesscale_scaled():
 
 
 def test_scaling_and_curvature_are_orthogonal_keys():
-    c = validate(_compose(["opt=adahesscale", "opt.scaling.enabled=true", "opt.curvature=bl89",
+    c = validate(compose_config(["opt=adahesscale", "opt.scaling.enabled=true", "opt.curvature=bl89",
                            "opt.scaling.beta=0.99"]))
     spec = optimizer_spec(c)
     assert spec["curvature"] == "bl89" and spec["scaling"]["enabled"] and spec["scaling"]["beta"] == 0.99
@@ -121,7 +113,7 @@ def test_env_composes_and_makes(env):
     from agents.experiment.envs import make_eval_env, make_train_env
 
     agent = "ppo"
-    c = validate(_compose([f"env={env}", f"agent={agent}", *SMALL[agent]]))
+    c = validate(compose_config([f"env={env}", f"agent={agent}", *SMALL[agent]]))
     assert c["total_timesteps"] == c["env"]["total_timesteps"] > 0
     assert c["env"]["slurm_timeout_min"] > 0
     train, ev = make_train_env(c), make_eval_env(c)
@@ -147,7 +139,7 @@ ZOO = {  # RL Zoo hyperparams/ppo.yml (v4 entries): lr, n_steps, batch_size, gam
 def test_tuned_is_picked_switchable_and_instantiates(env):
     from agents.experiment.envs import make_train_env
 
-    cfg = _compose([f"env={env}", "opt=hesscale"], hydra_cfg=True)
+    cfg = compose_config([f"env={env}", "opt=hesscale"], return_hydra_config=True)
     assert cfg.hydra.runtime.choices.tuned == f"ppo_{env}"
     c = validate(cfg)
     lr, n_steps, bs, gamma = ZOO[env]
@@ -166,24 +158,24 @@ def test_tuned_is_picked_switchable_and_instantiates(env):
     finally:
         e.close()
     for off in ("tuned=none", "~tuned"):
-        c0 = validate(_compose([f"env={env}", off]))
+        c0 = validate(compose_config([f"env={env}", off]))
         assert c0["opt"]["lr"] == 3e-4 and c0["agent"]["kwargs"]["n_steps"] == 2048
     # no tuned values are invented for other pairs
     for agent in ("a2c", "sac"):
         assert not (CONFIGS / "tuned" / f"{agent}_{env}.yaml").exists()
-        assert validate(_compose([f"env={env}", f"agent={agent}"])) == \
-            validate(_compose([f"env={env}", f"agent={agent}", "tuned=none"]))
+        assert validate(compose_config([f"env={env}", f"agent={agent}"])) == \
+            validate(compose_config([f"env={env}", f"agent={agent}", "tuned=none"]))
     # an explicit opt.lr wins over the tuned one
-    assert validate(_compose([f"env={env}", "opt.lr=0.001"]))["opt"]["lr"] == 0.001
+    assert validate(compose_config([f"env={env}", "opt.lr=0.001"]))["opt"]["lr"] == 0.001
 
 
 def test_sweeps_compose():
-    cfg = _compose(["sweep=lr_sensitivity"], hydra_cfg=True)
+    cfg = compose_config(["sweep=lr_sensitivity"], return_hydra_config=True)
     p = cfg.hydra.sweeper.params
     assert p.opt == "adam,adam_scaled,hesscale_paper"
     assert [float(x) for x in p["opt.lr"].split(",")] == [3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 1.0]
     assert p.seed == "range(0,10)" and cfg.sweep_name == "lr_sensitivity"
-    small = _compose(["sweep=lr_sensitivity_small"], hydra_cfg=True)
+    small = compose_config(["sweep=lr_sensitivity_small"], return_hydra_config=True)
     assert small.total_timesteps < cfg.total_timesteps
     assert len(small.hydra.sweeper.params["opt.lr"].split(",")) < 9
 
@@ -193,12 +185,12 @@ def test_sweeps_compose():
 def test_launchers_compose(launcher, target):
     if launcher != "parallel":
         pytest.importorskip("hydra_plugins.hydra_submitit_launcher")  # the optional `cluster` extra
-    cfg = _compose([f"hydra/launcher={launcher}", "env=hopper"], hydra_cfg=True)
+    cfg = compose_config([f"hydra/launcher={launcher}", "env=hopper"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith(target)
     if launcher == "slurm":
         assert cfg.hydra.launcher.timeout_min == cfg.env.slurm_timeout_min
         assert cfg.hydra.launcher.cpus_per_task == 1
-        assert _compose(["hydra/launcher=slurm", "env=humanoid"], hydra_cfg=True).hydra.launcher.timeout_min > \
+        assert compose_config(["hydra/launcher=slurm", "env=humanoid"], return_hydra_config=True).hydra.launcher.timeout_min > \
             cfg.hydra.launcher.timeout_min
 
 
@@ -222,7 +214,7 @@ def test_launchers_compose(launcher, target):
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:
-        validate(_compose(["opt=hesscale", override]))
+        validate(compose_config(["opt=hesscale", override]))
     assert key in str(e.value)
 
 
@@ -230,9 +222,9 @@ def test_unknown_env_and_discrete_sac_fail_before_training():
     from agents.experiment.envs import make_train_env_checked
 
     with pytest.raises(ConfigError, match="env.id='Nope-v0'"):
-        make_train_env_checked(validate(_compose(["env.id=Nope-v0"])))
+        make_train_env_checked(validate(compose_config(["env.id=Nope-v0"])))
     with pytest.raises(ConfigError, match="agent=sac needs a continuous"):
-        make_train_env_checked(validate(_compose(["agent=sac", "env=cartpole"])))
+        make_train_env_checked(validate(compose_config(["agent=sac", "env=cartpole"])))
 
 
 def test_every_opt_schema_key_is_checked_once_and_its_default_passes():
@@ -257,7 +249,7 @@ def test_every_opt_schema_key_is_checked_once_and_its_default_passes():
 
 
 def test_a_missing_key_is_named_without_a_python_repr():
-    cfg = _compose(["opt=adam", "~opt.scaling.delta"])
+    cfg = compose_config(["opt=adam", "~opt.scaling.delta"])
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     assert "opt.scaling.delta is missing: expected a finite number > 0" in str(e.value)

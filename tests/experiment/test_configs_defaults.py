@@ -3,30 +3,22 @@ optimizer, switched off for all of them by one key, and one learning rate in a r
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
 
 from agents.experiment.build import build_model
+from agents.experiment.compose import CONFIGS, compose_config
 from agents.experiment.validation import validate
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SMALL = {"ppo": ["agent.kwargs.n_steps=64", "agent.kwargs.batch_size=32"], "a2c": [],
          "sac": ["agent.kwargs.buffer_size=1000"]}  # building a model is then instant
 PAPER_SWEEPS = ("lr_sensitivity", "lr_sensitivity_small", "paper_rl_small", "paper_rl_small_sac")
-
-
-def _compose(overrides: list[str]):
-    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 def _model(overrides: list[str]):
     from agents.experiment.envs import make_train_env
 
     agent = next((o.split("=")[1] for o in overrides if o.startswith("agent=")), "ppo")
-    c = validate(_compose(["env=pendulum", *SMALL[agent], *overrides]))
+    c = validate(compose_config(["env=pendulum", *SMALL[agent], *overrides]))
     env = make_train_env(c)
     try:
         return c, build_model(c, env)
@@ -48,7 +40,7 @@ def test_every_optimizer_clips_at_the_agents_max_grad_norm_unless_switched_off(a
 
 
 def test_tuned_clipping_reaches_the_curvature_arm():
-    c = validate(_compose(["opt=hesscale", "env=halfcheetah"]))  # tuned/ppo_halfcheetah: max_grad_norm 0.8
+    c = validate(compose_config(["opt=hesscale", "env=halfcheetah"]))  # tuned/ppo_halfcheetah: max_grad_norm 0.8
     assert c["agent"]["kwargs"]["max_grad_norm"] == 0.8 and c["clip_grad_norm"] is True
 
 
@@ -60,33 +52,27 @@ def test_sac_clips_on_neither_path():
 
 @pytest.mark.parametrize("sweep", PAPER_SWEEPS)
 def test_paper_sweeps_switch_clipping_off_for_every_arm(sweep):
-    c = validate(_compose([f"sweep={sweep}"]))
+    c = validate(compose_config([f"sweep={sweep}"]))
     assert c["clip_grad_norm"] is False
     assert "max_grad_norm" not in (CONFIGS / "sweep" / f"{sweep}.yaml").read_text().split("#")[0]
 
 
 def test_the_resolved_config_has_one_learning_rate():
-    c = validate(_compose(["opt=hesscale", "env=halfcheetah"]))  # the tuned lr differs from SB3's
+    c = validate(compose_config(["opt=hesscale", "env=halfcheetah"]))  # the tuned lr differs from SB3's
     assert "lr" not in c["agent"] and c["opt"]["lr"] == pytest.approx(2.0633e-5)
-    assert validate(_compose(["agent.lr=0.001", "tuned=none"]))["opt"]["lr"] == 0.001  # still opt.lr's default
+    assert validate(compose_config(["agent.lr=0.001", "tuned=none"]))["opt"]["lr"] == 0.001  # still opt.lr's default
 
 
 # -- the paper's setting by name, and per-agent optimizer defaults ------------------------------
 def test_hesscale_paper_is_the_papers_exact_setting_and_untouched_by_agent_defaults():
     for agent in ("ppo", "a2c", "sac"):
-        o = validate(_compose([f"agent={agent}", "opt=hesscale_paper", "tuned=none"]))["opt"]
+        o = validate(compose_config([f"agent={agent}", "opt=hesscale_paper", "tuned=none"]))["opt"]
         assert (o["optimizer"], o["curvature"], o["kwargs"]) == ("adahesscale", "hesscale", {"eps": 1e-5})
         assert o["scaling"] == {"enabled": True, "delta": 1e-8, "max_scale": 1.0, "beta": 0.999}
     assert not list((CONFIGS / "opt_agent").glob("hesscale_paper_*.yaml"))
     for sweep in PAPER_SWEEPS:
-        with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-            params = compose("config", overrides=[f"sweep={sweep}"], return_hydra_config=True).hydra.sweeper.params
+        params = compose_config([f"sweep={sweep}"], return_hydra_config=True).hydra.sweeper.params
         assert "hesscale_paper" in params.opt.split(",") and "hesscale" not in params.opt.split(","), sweep
-
-
-def _compose_in(configs: Path, overrides: list[str]):
-    with initialize_config_dir(str(configs), version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 def test_per_agent_defaults_precedence(tmp_path):
@@ -102,17 +88,17 @@ def test_per_agent_defaults_precedence(tmp_path):
         shipped.unlink()
     (configs / "opt_agent" / "hesscale_ppo.yaml").write_text(
         "# @package opt\nscaling:\n  delta: 1.0e-04\nlr: 1.0e-03\n")
-    pick = lambda *o: validate(_compose_in(configs, ["opt=hesscale", *o]))["opt"]  # noqa: E731
+    pick = lambda *o: validate(compose_config(config_dir=configs, overrides=["opt=hesscale", *o]))["opt"]  # noqa: E731
     own = pick("tuned=none")  # agent=ppo
     assert own["scaling"]["delta"] == 1e-4 and own["lr"] == 1e-3 and own["name"] == "hesscale"
     tuned = pick("env=hopper")  # tuned/ppo_hopper sets opt.lr
     assert tuned["scaling"]["delta"] == 1e-4 and tuned["lr"] == pytest.approx(
-        validate(_compose(["env=hopper"]))["opt"]["lr"]) != 1e-3
+        validate(compose_config(["env=hopper"]))["opt"]["lr"]) != 1e-3
     assert pick("env=hopper", "opt.lr=0.01", "opt.scaling.delta=1e-6")["lr"] == 0.01
     assert pick("env=hopper", "opt.scaling.delta=1e-6")["scaling"]["delta"] == 1e-6
     assert pick("tuned=none", "opt_agent=none")["scaling"]["delta"] == 1e-8
     for other in (["agent=a2c"], ["opt=adahesscale_scaled"]):  # other pairs: the opt file as it is
-        o = validate(_compose_in(configs, ["opt=hesscale", "tuned=none", *other]))["opt"]
+        o = validate(compose_config(config_dir=configs, overrides=["opt=hesscale", "tuned=none", *other]))["opt"]
         assert o["scaling"]["delta"] == 1e-8
 
 
@@ -125,7 +111,7 @@ HESSCALE_DEFAULTS = {"ppo": (1e-7, 1e-5, 3e-4, None), "a2c": (1e-7, 1e-5, 7e-4, 
 
 @pytest.mark.parametrize("agent", sorted(HESSCALE_DEFAULTS))
 def test_hesscale_defaults_per_agent_are_pinned(agent):
-    o = validate(_compose([f"agent={agent}", "opt=hesscale", "tuned=none"]))["opt"]
+    o = validate(compose_config([f"agent={agent}", "opt=hesscale", "tuned=none"]))["opt"]
     assert (o["scaling"]["delta"], o["kwargs"]["eps"], o["lr"], o["critic_optimizer"]) == HESSCALE_DEFAULTS[agent]
     assert (o["optimizer"], o["curvature"], o["scaling"]["enabled"]) == ("adahesscale", "hesscale", True)
     shipped = {p.stem for p in (CONFIGS / "opt_agent").glob("*.yaml")} - {"none"}

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from stable_baselines3.common.callbacks import EvalCallback
 
 from agents.experiment import eval_history
+from agents.experiment.compose import compose_config
 from agents.experiment.evaluate import main
 from agents.experiment.run import train
 
@@ -32,8 +32,7 @@ COMMON = ["agent=ppo", "agent.kwargs.n_steps=64", "agent.kwargs.batch_size=32", 
 
 
 def _train(run_dir: Path, env: str) -> dict:
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("config", overrides=[*COMMON, *RUNS[env]])
+    cfg = compose_config([*COMMON, *RUNS[env]])
     r = train(cfg, run_dir)
     assert r["status"] == "finished", r
     return r

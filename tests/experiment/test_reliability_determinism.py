@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from agents.experiment import ConfigError
+from agents.experiment.compose import compose_config
 from agents.experiment.run import train
 from agents.experiment.validation import validate
 
@@ -27,11 +27,6 @@ TINY = {
 }
 COMMON = ["env=pendulum", "eval.freq=200", "eval.n_episodes=1", "progress_bar=false", "checkpoint.freq=100",
           "++agent.policy_kwargs.net_arch=[16]"]
-
-
-def _cfg(overrides: list[str]):
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 def _scalars(run: Path) -> list[tuple[str, int, float]]:
@@ -59,7 +54,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_same_seed_same_scalars_and_parameters(tmp_path: Path, agent: str):
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        r = train(_cfg([*TINY[agent], *COMMON, f"seed={seed}"]), tmp_path / name)
+        r = train(compose_config([*TINY[agent], *COMMON, f"seed={seed}"]), tmp_path / name)
         assert r["status"] == "finished", r
         runs[name] = (_scalars(tmp_path / name), _params(tmp_path / name))
     (sa, pa), (sb, pb), (sc, pc) = runs["a"], runs["b"], runs["c"]
@@ -104,7 +99,7 @@ def test_unknown_key_is_refused_without_traceback(tmp_path: Path):
 ])
 def test_bad_checkpoint_values_name_the_key(override: str, message: str):
     with pytest.raises(ConfigError) as e:
-        validate(_cfg(["env=pendulum", override]))
+        validate(compose_config(["env=pendulum", override]))
     assert message in str(e.value)
 
 
@@ -113,7 +108,7 @@ def test_unsupported_module_in_the_policy_fails_before_training(tmp_path: Path, 
     import agents.experiment.build as b
 
     monkeypatch.setitem(b.ACTIVATIONS, "hardswish", "Hardswish")
-    cfg = _cfg([*TINY["ppo"], *COMMON, "++agent.policy_kwargs.activation_fn=hardswish"])
+    cfg = compose_config([*TINY["ppo"], *COMMON, "++agent.policy_kwargs.activation_fn=hardswish"])
     with pytest.raises(ConfigError) as e:
         train(cfg, tmp_path)
     msg = str(e.value)
@@ -146,7 +141,7 @@ def test_curvature_optimizer_state_round_trips_through_save_load(tmp_path: Path,
     from agents.experiment.envs import make_train_env
     from agents.experiment.build import agent_class, build_model
 
-    c = validate(_cfg([*TINY[agent], *COMMON, f"opt={opt}"]))
+    c = validate(compose_config([*TINY[agent], *COMMON, f"opt={opt}"]))
     env = make_train_env(c)
     model = build_model(c, env)
     model.learn(200)

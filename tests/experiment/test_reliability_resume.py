@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from agents.experiment import preemption
 from agents.experiment.build import MODEL_FILE
+from agents.experiment.compose import compose_config
 from agents.experiment.run import train
 from agents.experiment.store import CheckpointStore, load_state
 
@@ -47,11 +47,6 @@ PER_ITERATION = {"ppo": ("rollout/ep_rew_mean", [200, 400, 600, 800, 1000]),
 
 def _overrides(agent: str, *extra: str) -> list[str]:
     return [*AGENTS[agent], *COMMON, *extra]
-
-
-def _cfg(overrides: list[str]):
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 def _start(args: list[str], cwd: Path, pause: str | None = None) -> subprocess.Popen:
@@ -132,7 +127,7 @@ def reference(tmp_path_factory):
     out = {}
     for agent in AGENTS:
         d = tmp_path_factory.mktemp(f"ref_{agent}")
-        r = train(_cfg(_overrides(agent)), d)
+        r = train(compose_config(_overrides(agent)), d)
         assert r["status"] == "finished", r
         assert not (d / "checkpoints").exists()  # removed once the run is done
         out[agent] = d
@@ -272,7 +267,7 @@ def test_resume_mid_episode_is_exact(tmp_path: Path, env: str, agent: str, resum
     else:
         extra = ["agent=sac", "agent.kwargs.learning_starts=50", "agent.kwargs.batch_size=32",
                  "agent.kwargs.buffer_size=1000", "total_timesteps=250"]
-    cfg = _cfg([*extra, f"env={env}", "opt=hesscale", "eval.freq=128", "eval.n_episodes=1", "checkpoint.freq=50",
+    cfg = compose_config([*extra, f"env={env}", "opt=hesscale", "eval.freq=128", "eval.n_episodes=1", "checkpoint.freq=50",
                 "checkpoint.keep=1000", "checkpoint.keep_when_done=true", "progress_bar=false",
                 "++agent.policy_kwargs.net_arch=[16]"])
     a, b = tmp_path / "a", tmp_path / "b"
