@@ -20,7 +20,6 @@ from agents.experiment.compose import compose_config
 from agents.experiment.evaluate import main
 from agents.experiment.run import train
 
-ROOT = Path(__file__).resolve().parents[2]
 RUNS = {
     # evaluations at 128, 256, 384, 512 (= the last step, during the last rollout)
     "cartpole": ["env=cartpole", "total_timesteps=512", "eval.freq=128", "eval.n_episodes=3"],
