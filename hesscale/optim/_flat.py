@@ -92,10 +92,10 @@ class Chunk:
     buffers: dict[str, Tensor] = field(default_factory=dict)
     views: dict[str, list[Tensor]] = field(default_factory=dict)
     _halves: tuple[Tensor, Tensor] | None = None
+    numel: int = field(init=False)  # entries of all params (a chunk's params never change)
 
-    @property
-    def numel(self) -> int:
-        return sum(p.numel() for p in self.params)
+    def __post_init__(self) -> None:
+        self.numel = sum(p.numel() for p in self.params)
 
     @property
     def small(self) -> bool:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ._base import CurvatureOptimizer
-from ._common import all_finite, group_key, read_hess_diag
+from ._common import all_finite, finite, group_key, read_hess_diag
 from ._flat import Chunk, FlatLayout, build_flat_layout, flatten_into, gather_gh, param_views
 from ._updates import RULES, Rule, Work
 from .adahessian import AdaHessian
@@ -71,10 +71,10 @@ def fused_step(scaler: Scaler, rule: Rule, plans: list[tuple[list[int], list[Ten
         g = h = None
         if chunk.small:
             gh, g, h = gather_gh(chunk, grads, hess[gi])
-            finite = bool(torch.isfinite(gh.sum()))
+            ok = finite(gh.sum())
         else:
-            finite = all_finite(grads + hess[gi])
-        if not finite:
+            ok = all_finite(grads + hess[gi])
+        if not ok:
             scaler.skipped_steps += 1
             if curvature:
                 inner._skip_group(gi)

@@ -13,6 +13,7 @@ from ._base import CurvatureOptimizer, evaluate_closure, foreach_update
 from ._common import (
     all_finite,
     bias_corrected_denominators,
+    finite,
     read_hess_diag,
     update_moments,
 )
@@ -125,7 +126,7 @@ class AdaHesScale(CurvatureOptimizer):
         """The path of small groups: one flat copy of g and ĥ, a handful of launches in all."""
         (chunk,) = cached_chunks(self._chunks, gi, params)
         gh, g, h = gather_gh(chunk, grads, hess)
-        if not bool(torch.isfinite(gh.sum())):
+        if not finite(gh.sum()):
             self._skip_group(gi)
             return
         for p in params:

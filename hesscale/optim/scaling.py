@@ -16,6 +16,7 @@ from ._common import (
     check_in_unit_interval,
     check_positive,
     clear_hess_diag,
+    finite,
     group_key,
     read_hess_diag,
 )
@@ -332,5 +333,5 @@ def _sum_scalars(values: list[Tensor]) -> float:
 
 def _finite(sums: list[Tensor]) -> bool:
     if len({(x.device, x.dtype) for x in sums}) > 1:
-        return all(bool(torch.isfinite(x)) for x in sums)
-    return bool(torch.isfinite(torch.stack(sums).sum()))
+        return all(finite(x) for x in sums)
+    return finite(torch.stack(sums).sum())
