@@ -16,6 +16,8 @@ from typing import Callable, Mapping, MutableSequence, Sequence
 import torch
 from torch import Tensor, nn
 
+from .rules.base import Streams
+
 #: route names, as :attr:`hesscale.capture.routes` reports them per module path
 FUSED, AUTOGRAD, UNFUSED = "fused", "autograd", "unfused"
 
@@ -51,21 +53,34 @@ def fused_sweep(
     grads: dict[nn.Parameter, Tensor] = {}
     hess: dict[nn.Parameter, Tensor] = {}
 
-    def add(index: int, g: Tensor, d: Tensor) -> None:
-        g_acc[index] = g if g_acc[index] is None else g_acc[index] + g
-        d_acc[index] = d if d_acc[index] is None else d_acc[index] + d
+    # whether each entry is the engine's own (a fused rule's fresh result, or a sum): only then
+    # may the consuming rule overwrite it; the outside parts are the caller's or autograd's
+    g_own, d_own = [False] * len(calls), [False] * len(calls)
+
+    def add(index: int, g: Tensor, d: Tensor, fresh: bool = False) -> None:
+        if g_acc[index] is None:
+            g_acc[index], g_own[index] = g, fresh
+        else:
+            g_acc[index], g_own[index] = g_acc[index] + g, True
+        if d_acc[index] is None:
+            d_acc[index], d_own[index] = d, fresh
+        else:
+            d_acc[index], d_own[index] = d_acc[index] + d, True
 
     with torch.no_grad():
         for i in reversed(range(len(calls))):
-            streams = [g_acc[i], d_acc[i]]
+            g_out, d_out = g_acc[i], d_acc[i]
             g_acc[i] = d_acc[i] = None  # handed to the rule, which frees them once used
-            if streams[0] is None and streams[1] is None:
+            if g_out is None and d_out is None:
                 continue
             call = calls[i]
-            if streams[0] is None:  # the other has the output's shape (the call may keep no output)
-                streams[0] = torch.zeros_like(streams[1])
-            if streams[1] is None:
-                streams[1] = torch.zeros_like(streams[0])
+            owned = (g_own[i] or g_out is None) and (d_own[i] or d_out is None)
+            if g_out is None:  # the other has the output's shape (the call may keep no output)
+                g_out = torch.zeros_like(d_out)
+            if d_out is None:
+                d_out = torch.zeros_like(g_out)
+            streams = Streams.of(g_out, d_out, owned)
+            del g_out, d_out
             need_input = call.producer is not None or call.chain is not None
             if call.rule.fused:
                 routes[call.path] = FUSED
@@ -85,7 +100,7 @@ def fused_sweep(
                 p = owned[name]
                 hess[p] = h if p not in hess else hess[p] + h
             if call.producer is not None:
-                add(call.producer, g_in, d_in)
+                add(call.producer, g_in, d_in, call.rule.fused and call.rule.fresh_outputs)
             elif call.chain is not None:
                 call.chain.scatter(g_in, d_in, add)
             del g_in, d_in  # the producer's entries hold them now (none holds what no call reads)

@@ -11,6 +11,22 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 
+class Streams(list):
+    """``[g_out, d_out]`` handed to :meth:`Rule.fused_backward_from`, which empties it.
+
+    ``owned``: the engine made both tensors (a fused rule's fresh results, or sums) and holds no
+    other reference to them, nor does the caller: the rule may overwrite them in place.
+    """
+
+    __slots__ = ("owned",)
+
+    @classmethod
+    def of(cls, g_out: Tensor, d_out: Tensor, owned: bool = False) -> "Streams":
+        streams = cls((g_out, d_out))
+        streams.owned = owned
+        return streams
+
+
 class Rule:
     """Base class of a HesScale rule for one module type."""
 
@@ -22,6 +38,9 @@ class Rule:
     #: engine keeps only those from the forward to the backward (as autograd keeps only the tensors
     #: a node saves) and passes ``None`` for the other.
     fused_reads: frozenset[str] = frozenset({"x", "y"})
+    #: Whether :meth:`fused_backward_from` returns ``g_in`` and ``d_in`` as tensors no one else
+    #: holds (new, or its own ``owned`` streams; no views): the engine may then hand them on owned.
+    fresh_outputs: bool = False
 
     def param_diag(
         self, module: nn.Module, x: Tensor, y: Tensor, d_out: Tensor, per_sample: bool
@@ -67,15 +86,15 @@ class Rule:
         module: nn.Module,
         x: Tensor,
         y: Tensor,
-        streams: list[Tensor],
+        streams: Streams,
         gauss_newton: bool,
         per_sample: bool,
         need_input: bool,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor | None, Tensor | None]:
         """:meth:`fused_backward` with ``[g_out, d_out]`` handed over in ``streams``, which the rule
         empties: the engine then holds neither, so a rule may drop each after its last use (as
-        autograd frees a node's incoming gradient). The default empties it and calls
-        :meth:`fused_backward`."""
+        autograd frees a node's incoming gradient), and overwrite them where ``streams.owned``.
+        The default empties it and calls :meth:`fused_backward`."""
         g_out, d_out = streams
         streams.clear()
         return self.fused_backward(module, x, y, g_out, d_out, gauss_newton, per_sample, need_input)

@@ -36,6 +36,7 @@ def _numeric_padding(module: nn.Module):
 
 class ConvRule(Rule):
     fused = True
+    fresh_outputs = True
     fused_reads = frozenset({"x"})
 
     def _options(self, module):

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .base import Rule
+from .base import Rule, Streams
 
 Derivative = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
@@ -30,6 +30,7 @@ class ElementwiseRule(Rule):
             self.fused_reads = frozenset({"y"})  # the input is freed after the forward
 
     fused = True
+    fresh_outputs = True
 
     def input_diag(self, module, x, y, d_out, g_out, gauss_newton):
         d_in = self.first(module, x, y).square() * d_out
@@ -38,7 +39,7 @@ class ElementwiseRule(Rule):
         return d_in
 
     def fused_backward(self, module, x, y, g_out, d_out, gauss_newton, per_sample, need_input):
-        return self.fused_backward_from(module, x, y, [g_out, d_out], gauss_newton, per_sample, need_input)
+        return self.fused_backward_from(module, x, y, Streams.of(g_out, d_out), gauss_newton, per_sample, need_input)
 
     def fused_backward_from(self, module, x, y, streams, gauss_newton, per_sample, need_input):
         if not need_input:
@@ -165,30 +166,32 @@ _ONES: dict = {}
 
 
 def _tanh_pair(m, y, streams, gauss_newton):
-    """``s = 1 − y²``: ``(s·g, s·(s·d − 2y·g))`` (GN: ``s²·d``); two new tensors, the rest in place."""
+    """``s = 1 − y²``: ``(s·g, s·(s·d − 2y·g))`` (GN: ``s²·d``); ``s`` and, unless the streams are
+    owned (then ``g``, ``d`` are overwritten), one more new tensor; the rest in place."""
     g, d = streams
+    owned = streams.owned
     streams.clear()
     s = torch.addcmul(_one(y), y, y, value=-1)
-    t = s * d
+    t = d.mul_(s) if owned else s * d
     del d
     if not gauss_newton:
         t.addcmul_(y, g, value=-2)
     t.mul_(s)
-    return s.mul_(g), t
+    return (g.mul_(s) if owned else s.mul_(g)), t
 
 
 def _sigmoid_pair(m, y, streams, gauss_newton):
-    """``s = y(1 − y)``: ``(s·g, s·(s·d + (1 − 2y)·g))`` (GN: ``s²·d``); two new tensors (and
-    ``1 − 2y`` for a moment), the rest in place."""
+    """``s = y(1 − y)``: ``(s·g, s·(s·d + g − 2y·g))`` (GN: ``s²·d``); as the tanh pair."""
     g, d = streams
+    owned = streams.owned
     streams.clear()
     s = torch.addcmul(y, y, y, value=-1)
-    t = s * d
+    t = d.mul_(s) if owned else s * d
     del d
     if not gauss_newton:
-        t.addcmul_(torch.add(_one(y), y, alpha=-2), g)
+        t.add_(g).addcmul_(y, g, value=-2)
     t.mul_(s)
-    return s.mul_(g), t
+    return (g.mul_(s) if owned else s.mul_(g)), t
 
 
 def _relu_pair(m, y, streams, gauss_newton):

@@ -9,12 +9,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Rule
+from .base import Rule, Streams
 
 
 class LinearRule(Rule):
     fused = True
     fused_reads = frozenset({"x"})
+    fresh_outputs = True
 
     def param_diag(
         self, module: nn.Linear, x: Tensor, y: Tensor, d_out: Tensor, per_sample: bool
@@ -38,7 +39,7 @@ class LinearRule(Rule):
         return d_out.matmul(module.weight.square())
 
     def fused_backward(self, module, x, y, g_out, d_out, gauss_newton, per_sample, need_input):
-        return self.fused_backward_from(module, x, y, [g_out, d_out], gauss_newton, per_sample, need_input)
+        return self.fused_backward_from(module, x, y, Streams.of(g_out, d_out), gauss_newton, per_sample, need_input)
 
     def fused_backward_from(self, module, x, y, streams, gauss_newton, per_sample, need_input):
         """The curvature half first, ``D`` dropped after its last use, then the gradient half; each
