@@ -23,6 +23,7 @@ _EXPORTS = {
     "hessian_diagonal": ".api",
     "ElementwiseRule": ".rules",
     "Rule": ".rules",
+    "Streams": ".rules",
     "UnsupportedModuleError": ".rules",
     "register_rule": ".rules",
     "supported_types": ".rules",
