@@ -74,12 +74,12 @@ def fused_sweep(
             if g_out is None and d_out is None:
                 continue
             call = calls[i]
-            owned = (g_own[i] or g_out is None) and (d_own[i] or d_out is None)
+            mine = (g_own[i] or g_out is None) and (d_own[i] or d_out is None)
             if g_out is None:  # the other has the output's shape (the call may keep no output)
                 g_out = torch.zeros_like(d_out)
             if d_out is None:
                 d_out = torch.zeros_like(g_out)
-            streams = Streams.of(g_out, d_out, owned)
+            streams = Streams.of(g_out, d_out, owned=mine)
             del g_out, d_out
             need_input = call.producer is not None or call.chain is not None
             if call.rule.fused:
