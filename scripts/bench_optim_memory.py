@@ -54,17 +54,24 @@ ARMS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
 }
 
 
-def peak_bytes(fn: Callable[[], None], exclude: int) -> int:
-    """Peak of all tensors alive while ``fn`` runs (torch's memory timeline), less ``exclude`` bytes."""
+def memory_timeline(fn: Callable[[], object]) -> tuple[int, int]:
+    """``(peak, at the end)`` of the bytes of all tensors alive while ``fn`` runs (its result kept
+    alive to the end), from torch's memory timeline (``tracemalloc`` does not see tensors)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        fn()
+        kept = fn()  # noqa: F841  (alive until the timeline ends)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "timeline.json"
         with warnings.catch_warnings():  # deprecated for CUDA snapshots; the CPU timeline has no successor
             warnings.simplefilter("ignore", FutureWarning)
             prof.export_memory_timeline(str(path), device="cpu")
         _, sizes = json.loads(path.read_text())
-    return max(sum(row) for row in sizes) - exclude
+    totals = [sum(row) for row in sizes]
+    return max(totals), totals[-1]
+
+
+def peak_bytes(fn: Callable[[], None], exclude: int) -> int:
+    """Peak of all tensors alive while ``fn`` runs (torch's memory timeline), less ``exclude`` bytes."""
+    return memory_timeline(fn)[0] - exclude
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
