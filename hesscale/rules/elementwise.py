@@ -165,33 +165,31 @@ def _one(y: Tensor) -> Tensor:
 _ONES: dict = {}
 
 
-def _tanh_pair(m, y, streams, gauss_newton):
-    """``s = 1 − y²``: ``(s·g, s·(s·d − 2y·g))`` (GN: ``s²·d``); ``s`` and, unless the streams are
-    owned (then ``g``, ``d`` are overwritten), one more new tensor; the rest in place."""
+def _smooth_pair(streams: Streams, s: Tensor, add_second, gauss_newton: bool) -> tuple[Tensor, Tensor]:
+    """``(s·g, s·(s·d + add_second(g)))`` (GN: ``s²·d``) for ``s = σ'``, ``add_second(t, g)`` adding
+    ``(σ''/σ')·g`` to ``t`` in place. New tensors: ``s`` (made by the caller) and, unless the streams
+    are owned (then ``d`` and ``g`` are overwritten), one more; the rest in place."""
     g, d = streams
     owned = streams.owned
     streams.clear()
-    s = torch.addcmul(_one(y), y, y, value=-1)
     t = d.mul_(s) if owned else s * d
     del d
     if not gauss_newton:
-        t.addcmul_(y, g, value=-2)
+        add_second(t, g)
     t.mul_(s)
     return (g.mul_(s) if owned else s.mul_(g)), t
+
+
+def _tanh_pair(m, y, streams, gauss_newton):
+    """``s = 1 − y²``, ``σ''/σ' = −2y``."""
+    s = torch.addcmul(_one(y), y, y, value=-1)
+    return _smooth_pair(streams, s, lambda t, g: t.addcmul_(y, g, value=-2), gauss_newton)
 
 
 def _sigmoid_pair(m, y, streams, gauss_newton):
-    """``s = y(1 − y)``: ``(s·g, s·(s·d + g − 2y·g))`` (GN: ``s²·d``); as the tanh pair."""
-    g, d = streams
-    owned = streams.owned
-    streams.clear()
+    """``s = y(1 − y)``, ``σ''/σ' = 1 − 2y`` (added as ``g − 2y·g``: no temporary)."""
     s = torch.addcmul(y, y, y, value=-1)
-    t = d.mul_(s) if owned else s * d
-    del d
-    if not gauss_newton:
-        t.add_(g).addcmul_(y, g, value=-2)
-    t.mul_(s)
-    return (g.mul_(s) if owned else s.mul_(g)), t
+    return _smooth_pair(streams, s, lambda t, g: t.add_(g).addcmul_(y, g, value=-2), gauss_newton)
 
 
 def _relu_pair(m, y, streams, gauss_newton):
