@@ -13,10 +13,10 @@ from torch import Tensor
 
 from ._base import CurvatureOptimizer, evaluate_closure
 from ._common import (
+    all_finite,
     check_in_unit_interval,
     check_positive,
     clear_hess_diag,
-    finite,
     group_key,
     read_hess_diag,
 )
@@ -178,7 +178,7 @@ class StepSizeScaling(torch.optim.Optimizer):
                     else:
                         sums += [t.sum() for t in [p.grad for p in ch.params] + h]
                         flat_h.append(None)
-                if not _finite(sums):
+                if not all_finite(sums):  # NaN/±inf propagate into the sums
                     skipped.add(gi)
                     hidden.extend((p, p.grad) for p in params)
                     chunked.append(None)
@@ -329,9 +329,3 @@ def _sum_scalars(values: list[Tensor]) -> float:
     if len({v.device for v in values}) > 1:
         return float(sum(v.item() for v in values))
     return torch.stack(values).sum().item()
-
-
-def _finite(sums: list[Tensor]) -> bool:
-    if len({(x.device, x.dtype) for x in sums}) > 1:
-        return all(finite(x) for x in sums)
-    return finite(torch.stack(sums).sum())
