@@ -57,26 +57,23 @@ class _CurvatureStats:
     """Running ĥ diagnostics per param group: the mean over a group's entries averaged over the
     updates, and the max over entries and updates.
 
-    Per update, for all groups at once: one copy of every ĥ into a flat vector and two in-place
-    ops (``Σ_t ĥ_t`` and ``max_t ĥ_t`` entry-wise, no host sync; on CPU a ``_foreach`` op is a loop
-    of per-tensor ops, so flat buffers are cheaper); the reductions over entries run once, in
-    :meth:`flush`. A group's mean is ``Σ_t mean(ĥ_t) = Σ(Σ_t ĥ_t) / numel`` while the same
-    parameters carry ĥ; when that set changes, the buffers are reduced first.
+    Per update, for all groups at once: two ``_foreach`` ops into flat buffers kept between
+    updates, ``Σ_t ĥ_t`` and ``max_t ĥ_t`` entry-wise (the interval's first update copies ĥ in);
+    no host sync, no allocation. The reductions over entries run once, in :meth:`flush`. A group's
+    mean is ``Σ_t mean(ĥ_t) = Σ(Σ_t ĥ_t) / numel`` while the same parameters carry ĥ; when that
+    set changes, the buffers are reduced first and laid out anew.
     """
 
     def __init__(self, group_names: list[str]) -> None:
         self.group_names = group_names
+        self._layout: tuple | None = None  # (key, Σ views, max views, Σ buffer, max buffer, segments)
         self.reset()
 
     def reset(self) -> None:
         self.mean_sum = {n: 0.0 for n in self.group_names}  # Σ over updates of the mean over entries
         self.max: dict[str, th.Tensor | None] = {n: None for n in self.group_names}
         self.count = {n: 0 for n in self.group_names}  # updates in which the group had any ĥ
-        self._key: tuple | None = None
-        self._sum: th.Tensor | None = None
-        self._max: th.Tensor | None = None
-        self._segments: list[tuple[str, int, int]] = []  # (group, first, end) entries of the buffers
-        self._updates = 0
+        self._updates = 0  # updates accumulated in the buffers since the last flush
 
     def add(self, groups: list[tuple[str, list[th.Tensor]]]) -> None:
         """One update: ``[(group name, params)]``; each param's ``hess_diag`` is read if it has one."""
@@ -85,30 +82,41 @@ class _CurvatureStats:
         if not hs:
             return
         key = tuple((name, tuple(map(id, params))) for name, params in present)
-        if key != self._key:
+        if self._layout is None or key != self._layout[0]:
             self.flush()
-        flat = th.cat([h.reshape(-1) for h in hs]) if len(hs) > 1 else hs[0].reshape(-1)
-        if self._updates == 0:  # the buffers start as copies (ĥ may be read again by the caller)
-            self._key, self._sum, self._max = key, flat.clone(), flat.clone()
-            self._segments, first = [], 0
-            for name, params in present:
-                if params:
-                    end = first + sum(p.numel() for p in params)
-                    self._segments.append((name, first, end))
-                    first = end
+            self._layout = self._lay_out(key, present, hs)
+        sums, maxes = self._layout[1], self._layout[2]
+        if self._updates == 0:
+            th._foreach_copy_(sums + maxes, hs + hs)
         else:
-            self._sum.add_(flat)
-            th.maximum(self._max, flat, out=self._max)
+            th._foreach_add_(sums, hs)
+            th._foreach_maximum_(maxes, hs)
         self._updates += 1
+
+    @staticmethod
+    def _lay_out(key: tuple, present: list[tuple[str, list[th.Tensor]]], hs: list[th.Tensor]) -> tuple:
+        """Flat Σ and max buffers for ``hs``, their per-tensor views and each group's segment."""
+        sizes = [h.numel() for h in hs]
+        flat_sum, flat_max = hs[0].new_empty(sum(sizes)), hs[0].new_empty(sum(sizes))
+        views = [[v.view_as(h) for v, h in zip(flat.split(sizes), hs)] for flat in (flat_sum, flat_max)]
+        segments, first = [], 0
+        for name, params in present:
+            if params:
+                end = first + sum(p.numel() for p in params)
+                segments.append((name, first, end))
+                first = end
+        return key, views[0], views[1], flat_sum, flat_max, segments
 
     def flush(self) -> None:
         """Reduce the buffers into the per-group figures."""
-        for name, first, end in self._segments if self._updates else ():
-            self.mean_sum[name] += float(self._sum[first:end].sum()) / (end - first)
-            top = self._max[first:end].max()
-            self.max[name] = top if self.max[name] is None else th.maximum(self.max[name], top)
-            self.count[name] += self._updates
-        self._key, self._sum, self._max, self._segments, self._updates = None, None, None, [], 0
+        if self._updates:
+            flat_sum, flat_max, segments = self._layout[3:]
+            for name, first, end in segments:
+                self.mean_sum[name] += float(flat_sum[first:end].sum()) / (end - first)
+                top = flat_max[first:end].max()
+                self.max[name] = top if self.max[name] is None else th.maximum(self.max[name], top)
+                self.count[name] += self._updates
+        self._updates = 0
 
 
 class CurvatureUpdate:

@@ -58,7 +58,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._roots: dict[int, list[Tensor]] = {}
         self._root_buffers: dict[Tensor, Tensor] = {}
         self._flat_cache: dict[int, FlatLayout] = {}
-        self._chunks: dict[int, tuple[tuple[int, ...], list[Chunk]]] = {}  # flat work buffers per group
+        self._chunks: dict[Any, tuple[tuple[int, ...], list[Chunk]]] = {}  # flat work buffers per group (or batch)
         super().__init__(params, defaults)
 
     # -- hooks for subclasses ----------------------------------------------------------------

@@ -138,12 +138,13 @@ def param_views(params: list[Tensor], flat: Tensor) -> list[Tensor]:
     return [x.view_as(p) for x, p in zip(flat.split([p.numel() for p in params]), params)]
 
 
-def cached_chunks(store: dict[int, tuple[tuple[int, ...], list[Chunk]]], gi: int, params: list[Tensor]) -> list[Chunk]:
-    """The chunks of group ``gi`` kept in ``store``, made anew when its stepping params changed."""
+def cached_chunks(store: dict[Any, tuple[tuple[int, ...], list[Chunk]]], slot: Any, params: list[Tensor]) -> list[Chunk]:
+    """The chunks of ``slot`` (a group's index, or a batch's) kept in ``store``, made anew when its
+    stepping params changed."""
     key = tuple(id(p) for p in params)
-    cached = store.get(gi)
+    cached = store.get(slot)
     if cached is None or cached[0] != key:
-        cached = store[gi] = (key, make_chunks(params))
+        cached = store[slot] = (key, make_chunks(params))
     return cached[1]
 
 

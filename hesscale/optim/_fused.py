@@ -9,7 +9,9 @@ device and dtype) takes, without a snapshot of θ::
        c = the optimizer's sqrt(v) when that is sqrt(EMA_beta(ĥ²)), else sqrt of the wrapper's EMA
     4. T = Σ c·u², α = min(max_scale, sqrt(2δ/T)), θ ← θ − α·u (u = f·x as the rule returns it)
 
-A group whose gradient or curvature is non-finite is skipped before anything is touched.
+Small groups with equal options (e.g. an actor-critic's ``pi``, ``log_std`` and ``vf``) take steps
+1–3 as one flat chunk and step 4 per group: the same numbers, a third of the launches. A group
+whose gradient or curvature is non-finite is skipped before anything is touched.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ._base import CurvatureOptimizer
+from . import _common
 from ._common import all_finite, finite, group_key, read_hess_diag
 from ._flat import Chunk, FlatLayout, build_flat_layout, flatten_into, gather_gh, param_views
 from ._updates import RULES, Rule, Work
@@ -51,8 +54,7 @@ def fused_step(scaler: Scaler, rule: Rule, plans: list[tuple[list[int], list[Ten
     """One step of every group by the fused route (see the module docstring)."""
     inner = scaler.optimizer
     groups = scaler.param_groups
-    curvature = isinstance(inner, CurvatureOptimizer)
-    if curvature:
+    if isinstance(inner, CurvatureOptimizer):
         inner._begin_step()
     if isinstance(inner, AdaHessian):  # AdaHessian draws ĥ itself, over all groups at once
         per_group = [inner._params_with_grad(gi, g) if plan else [] for gi, (g, plan) in enumerate(zip(groups, plans))]
@@ -62,55 +64,122 @@ def fused_step(scaler: Scaler, rule: Rule, plans: list[tuple[list[int], list[Ten
         None if plan is None else [read_hess_diag(p, "StepSizeScaling", group, gi, pi) for pi, p in zip(*plan)]
         for gi, (group, plan) in enumerate(zip(groups, plans))
     ]  # every curvature read (and a missing one reported) before anything steps
-    for gi, (group, plan) in enumerate(zip(groups, plans)):
+    for batch in _batches(scaler, plans):
+        _step_batch(scaler, rule, batch, plans, hess)
+
+
+def _batches(scaler: Scaler, plans: list[tuple[list[int], list[Tensor]] | None]) -> list[list[int]]:
+    """The groups that step as one flat chunk: small groups with equal options (all but ``params``
+    and ``name``) on one device and dtype, up to ``FLAT_LIMIT`` entries together; any other group
+    alone. Each keeps its own α (the sums ``T`` are taken per group)."""
+    batches: list[list[int]] = []
+    open_batches: dict[Any, tuple[list[int], list[int]]] = {}  # options → (batch, [its entries])
+    for gi, plan in enumerate(plans):
         if plan is None:
             continue
-        params = plan[1]
-        (chunk,) = scaler._chunks_for(gi, params)
-        grads = [p.grad for p in params]  # read under no_grad (step's decorator): no detach needed
-        g = h = None
-        if chunk.small:
-            gh, g, h = gather_gh(chunk, grads, hess[gi])
-            ok = finite(gh.sum())
-        else:
-            ok = all_finite(grads + hess[gi])
-        if not ok:
-            scaler.skipped_steps += 1
-            if curvature:
-                inner._skip_group(gi)
+        (chunk,) = scaler._chunks_for(gi, plan[1])
+        options = _options(scaler.param_groups[gi], chunk) if chunk.small else None
+        batch = open_batches.get(options) if options is not None else None
+        if batch is not None and batch[1][0] + chunk.numel <= _common.FLAT_LIMIT:
+            batch[0].append(gi)
+            batch[1][0] += chunk.numel
             continue
-        state, steps, adopt, layout = _state(scaler, rule, group, gi, chunk)
-        flat = layout is not None
-        gs, hs = ([g], [h]) if flat else (grads, hess[gi])
-        theta = None
-        if group["weight_decay"] != 0:
-            theta = [flatten_into(chunk, "theta", params)] if flat else params
-        scratch = [chunk.buffer("u")] if flat else chunk.views_of("u")
-        own_c = curvature and inner._sqrt_ema_is_scale(group, scaler.beta)
-        roots = ([chunk.buffer("c")] if flat else chunk.views_of("c")) if own_c else None
-        x, f = rule.direction(group, Work(theta, gs, hs, state, steps, scratch, roots))  # u = f·x
-        adopt()
-        if own_c:
-            c = chunk.buffer("c")
-        else:
-            scaler._update_ema(chunk, hess[gi], h)
-            c = torch.sqrt(scaler._ema(chunk), out=chunk.buffer("c"))
-        cs = [c] if flat else chunk.views_of("c")  # c is scratch: c·x in place
-        dots = [torch.dot(ci.mul_(xi).view(-1), xi.reshape(-1)) for ci, xi in zip(cs, x)]
-        total = dots[0] if len(dots) == 1 else torch.stack(dots).sum()
-        alpha = scaler._alpha(f * f * total.item())
-        torch._foreach_add_(params, _param_views(chunk, layout, x[0], g) if flat else x, alpha=-alpha * f)
-        scaler.last_scales[group_key(group, gi)] = alpha
+        batches.append([gi])
+        if options is not None:
+            open_batches[options] = (batches[-1], [chunk.numel])
+    return batches
 
 
-def _state(scaler: Scaler, rule: Rule, group: dict[str, Any], gi: int, chunk: Chunk):
-    """The optimizer's state of ``chunk.params`` as the rule's lists, the incremented step counts, a
-    function that stores tensors the rule created (lazy keys) back into the optimizer's state, and
-    the group's flat layout (None: the lists are per param)."""
+def _options(group: dict[str, Any], chunk: Chunk) -> tuple | None:
+    """A group's options with its chunk's device and dtype, hashable; None when one is a tensor."""
+    items = tuple(sorted((k, v) for k, v in group.items() if k not in ("params", "name")))
+    if any(torch.is_tensor(v) or (isinstance(v, tuple) and any(map(torch.is_tensor, v))) for _, v in items):
+        return None
+    first = chunk.params[0]
+    try:
+        hash(items)
+    except TypeError:
+        return None
+    return items + ((".device", first.device), (".dtype", first.dtype))
+
+
+def _step_batch(scaler: Scaler, rule: Rule, gis: list[int], plans: list[tuple[list[int], list[Tensor]] | None],
+                hess: list[list[Tensor] | None]) -> None:
+    """Steps 1–4 of the module docstring for the groups ``gis`` (one chunk; several only when small)."""
     inner = scaler.optimizer
+    curvature = isinstance(inner, CurvatureOptimizer)
+    slot = gis[0] if len(gis) == 1 else tuple(gis)  # where its chunk and flat state are kept
+    params = [p for gi in gis for p in plans[gi][1]]
+    hs = [h for gi in gis for h in hess[gi]]
+    (chunk,) = scaler._chunks_for(slot, params)
+    grads = [p.grad for p in params]  # read under no_grad (step's decorator): no detach needed
+    g = h = None
+    if chunk.small:
+        gh, g, h = gather_gh(chunk, grads, hs)
+        ok = finite(gh.sum())
+    else:
+        ok = all_finite(grads + hs)
+    if not ok:
+        if len(gis) > 1:  # find the groups at fault: each steps (or is skipped) on its own
+            for gi in gis:
+                _step_batch(scaler, rule, [gi], plans, hess)
+            return
+        scaler.skipped_steps += 1
+        if curvature:
+            inner._skip_group(gis[0])
+        return
+    group = scaler.param_groups[gis[0]]  # the options every group of the batch shares
+    states, layout = _flat_layout(scaler, rule, group, slot, chunk)
+    if layout is None and len(gis) > 1:  # no flat state for the batch (e.g. its step counts differ)
+        for gi in gis:
+            _step_batch(scaler, rule, [gi], plans, hess)
+        return
+    state, steps, adopt = _state(rule, group, chunk.params, states, layout)
+    flat = layout is not None
+    gs, hs = ([g], [h]) if flat else (grads, hs)
+    theta = None
+    if group["weight_decay"] != 0:
+        theta = [flatten_into(chunk, "theta", params)] if flat else params
+    scratch = [chunk.buffer("u")] if flat else chunk.views_of("u")
+    own_c = curvature and inner._sqrt_ema_is_scale(group, scaler.beta)
+    roots = ([chunk.buffer("c")] if flat else chunk.views_of("c")) if own_c else None
+    x, f = rule.direction(group, Work(theta, gs, hs, state, steps, scratch, roots))  # u = f·x
+    adopt()
+    if own_c:
+        c = chunk.buffer("c")
+    else:
+        scaler._update_ema(chunk, hs, h)
+        c = torch.sqrt(scaler._ema(chunk), out=chunk.buffer("c"))
+    counts = [len(plans[gi][1]) for gi in gis]  # params per group, in chunk order
+    if flat:  # c is scratch: c·x in place, then T per group over its segment
+        cx, x0 = c.mul_(x[0]), x[0]
+        ends = [0]
+        for p in params:
+            ends.append(ends[-1] + p.numel())
+        bounds = [ends[sum(counts[:i])] for i in range(len(counts) + 1)]
+        dots = [torch.dot(cx[a:b], x0[a:b]) for a, b in zip(bounds, bounds[1:])]
+        totals = [dots[0].item()] if len(dots) == 1 else torch.stack(dots).tolist()
+        views = _param_views(chunk, layout, x0, g)
+    else:  # one group (batches are flat): per-param tensors
+        dots = [torch.dot(ci.mul_(xi).view(-1), xi.reshape(-1)) for ci, xi in zip(chunk.views_of("c"), x)]
+        totals = [dots[0].item() if len(dots) == 1 else torch.stack(dots).sum().item()]
+        views = x
+    first = 0
+    for gi, count, total in zip(gis, counts, totals):
+        alpha = scaler._alpha(f * f * total)
+        torch._foreach_add_(params[first:first + count], views[first:first + count], alpha=-alpha * f)
+        scaler.last_scales[group_key(scaler.param_groups[gi], gi)] = alpha
+        first += count
+
+
+def _flat_layout(scaler: Scaler, rule: Rule, group: dict[str, Any], slot: int | tuple[int, ...],
+                 chunk: Chunk) -> tuple[list[dict[str, Any]], FlatLayout | None]:
+    """The optimizer's per-param states of ``chunk.params`` (a first step's created as the optimizer
+    would) and the flat layout of the group (or batch of groups) ``slot``: kept while intact, else
+    built anew; None for a large chunk or a state that cannot be flat (step counts differ)."""
     params = chunk.params
     keys, lazy = rule.keys(group), rule.lazy(group)
-    states = [inner.state[p] for p in params]
+    states = [scaler.optimizer.state[p] for p in params]
     for p, st in zip(params, states):
         if not st:  # a first step: the state torch's (or our) optimizer would create
             if rule.step == "tensor":
@@ -119,11 +188,22 @@ def _state(scaler: Scaler, rule: Rule, group: dict[str, Any], gi: int, chunk: Ch
                 st["step"] = 0
             for key in keys:
                 st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    layout = scaler._layouts.get(gi) if chunk.small else None
-    if chunk.small and (layout is None or not layout.intact(params, states, rule.step)):
+    if not chunk.small:
+        return states, None
+    layout = scaler._layouts.get(slot)
+    if layout is None or not layout.intact(params, states, rule.step):
         layout = build_flat_layout(params, states, keys, lazy, rule.step)
         if layout is not None:
-            scaler._layouts[gi] = layout
+            scaler._layouts[slot] = layout
+    return states, layout
+
+
+def _state(rule: Rule, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]],
+           layout: FlatLayout | None):
+    """The optimizer's state as the rule's lists (one flat tensor each with a ``layout``, else one
+    tensor per param), the incremented step counts, and a function that stores tensors the rule
+    created (lazy keys) back into the optimizer's state."""
+    keys, lazy = rule.keys(group), rule.lazy(group)
     if layout is None:  # large (or irregular) group: the per-param state tensors themselves
         state = {key: [st.get(key) for st in states] for key in keys + lazy}
         steps = _increment(rule, states)
@@ -133,7 +213,7 @@ def _state(scaler: Scaler, rule: Rule, group: dict[str, Any], gi: int, chunk: Ch
                 for st, t in zip(states, state[key]):
                     st[key] = t
 
-        return state, steps, adopt, None
+        return state, steps, adopt
 
     state = {key: [layout.flat[key]] for key in keys + lazy}
     if layout.steps is not None:
@@ -147,7 +227,7 @@ def _state(scaler: Scaler, rule: Rule, group: dict[str, Any], gi: int, chunk: Ch
             if layout.flat[key] is None:  # created by this first step: the state now views it
                 layout.adopt(key, state[key][0], params, states)
 
-    return state, steps, adopt_flat, layout
+    return state, steps, adopt_flat
 
 
 def _param_views(chunk: Chunk, layout: FlatLayout, x: Tensor, g: Tensor) -> list[Tensor]:

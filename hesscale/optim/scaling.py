@@ -98,8 +98,8 @@ class StepSizeScaling(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.fused = bool(fused)
         self.last_route = ""
-        self._chunks: dict[int, tuple[tuple[int, ...], list[Chunk]]] = {}  # flat work buffers per group
-        self._layouts: dict[int, FlatLayout] = {}  # the fused route's flat state of small groups
+        self._chunks: dict[Any, tuple[tuple[int, ...], list[Chunk]]] = {}  # flat work buffers per group (or batch)
+        self._layouts: dict[Any, FlatLayout] = {}  # the fused route's flat state of small groups (or batches)
 
     # -- sharing the wrapped optimizer's groups -----------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -235,16 +235,18 @@ class StepSizeScaling(torch.optim.Optimizer):
             return 0.0
         return min(self.max_scale, math.sqrt(2.0 * self.delta / total))
 
-    def _chunks_for(self, gi: int, params: list[Tensor]) -> list[Chunk]:
-        return cached_chunks(self._chunks, gi, params)
+    def _chunks_for(self, slot: int | tuple[int, ...], params: list[Tensor]) -> list[Chunk]:
+        """The chunks of group ``slot`` (a tuple: a batch of groups stepped as one, see ``_fused``)."""
+        return cached_chunks(self._chunks, slot, params)
 
     def _ema(self, ch: Chunk) -> Tensor:
-        """The flat EMA of a chunk; per-param views of it are this wrapper's state."""
-        if "ema" not in ch.buffers:
-            for p, view in zip(ch.params, ch.views_of("ema")):
-                old = self.state[p].get("curvature_ema")
-                if old is not None:
-                    view.copy_(old)
+        """The flat EMA of a chunk; per-param views of it are this wrapper's state. A param whose
+        state is another chunk's view (its group stepped alone, or in a batch, since) is copied in."""
+        views = ch.views_of("ema")
+        for p, view in zip(ch.params, views):
+            old = self.state[p].get("curvature_ema")
+            if old is not view:
+                view.copy_(old) if old is not None else view.zero_()
                 self.state[p]["curvature_ema"] = view
         return ch.buffer("ema")
 

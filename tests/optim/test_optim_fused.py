@@ -30,15 +30,23 @@ CASES = {
 BETAS = {"own beta": 0.999, "other beta": 0.9}  # 0.999 = the curvature optimizers' β2: their sqrt(v) is c
 
 
-def grouped(params):
+#: "own lr": every group steps alone; "shared options": pi, log_std and vf (an actor-critic's groups)
+#: with equal options step as one flat batch on the fused route (each keeps its α)
+OPTIONS = {"own lr": False, "shared options": True}
+
+
+def grouped(params, shared=False):
+    if shared:
+        return [{"params": params[:2], "name": "pi"}, {"params": params[2:3], "name": "log_std"},
+                {"params": params[3:], "name": "vf"}]
     return [{"params": params[:2], "name": "pi"}, {"params": params[2:], "name": "vf", "lr": 0.05}]
 
 
-def pair(make, beta, seed=0):
+def pair(make, beta, seed=0, shared=False):
     """The same optimizer twice over equal parameters: fused and snapshot route."""
     a, b = make_params(SHAPES, seed), make_params(SHAPES, seed)
-    fused = StepSizeScaling(make(grouped(a)), delta=1e-3, beta=beta)
-    snapshot = StepSizeScaling(make(grouped(b)), delta=1e-3, beta=beta, fused=False)
+    fused = StepSizeScaling(make(grouped(a, shared)), delta=1e-3, beta=beta)
+    snapshot = StepSizeScaling(make(grouped(b, shared)), delta=1e-3, beta=beta, fused=False)
     return (a, fused), (b, snapshot)
 
 
@@ -65,19 +73,25 @@ def assert_same(a, opt_a, b, opt_b):
             torch.testing.assert_close(opt_a.state[p][key], opt_b.state[q][key], rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("shared", OPTIONS.values(), ids=OPTIONS.keys())
 @pytest.mark.parametrize("beta", BETAS.values(), ids=BETAS.keys())
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.usefixtures("both_paths")
-def test_fused_route_equals_the_snapshot_route(case, beta):
-    (a, fused), (b, snapshot) = pair(CASES[case], beta)
+def test_fused_route_equals_the_snapshot_route(case, beta, shared, both_paths):
+    (a, fused), (b, snapshot) = pair(CASES[case], beta, shared=shared)
     gen = torch.Generator().manual_seed(1)
-    for step in range(6):
+    for step in range(7):
         set_grads([a, b], gen, drop=3 if step == 2 else None)  # a step without one param's gradient
+        if step == 4:  # one group skipped for a NaN: the groups' step counts differ from then on
+            for ps in (a, b):
+                ps[2].hess_diag[0] = float("nan")
         fused.step()
         snapshot.step()
         assert (fused.last_route, snapshot.last_route) == ("fused", "snapshot")
         assert_same(a, fused, b, snapshot)
+    assert fused.skipped_steps == snapshot.skipped_steps == 1
     assert min(fused.last_scales.values()) < 1.0  # the scaling acted
+    # the batch took one flat state; each group kept its own α (last_scales equal the snapshot's)
+    assert ((0, 1, 2) in fused._layouts) == (shared and both_paths == "flat")
 
 
 @pytest.mark.parametrize("beta", BETAS.values(), ids=BETAS.keys())
@@ -104,12 +118,13 @@ def test_fused_route_equals_the_snapshot_route_for_adahessian(kwargs, beta):
         assert_same(a, fused, b, snapshot)
 
 
+@pytest.mark.parametrize("shared", OPTIONS.values(), ids=OPTIONS.keys())
 @pytest.mark.parametrize("case", ["adam wd", "rmsprop wd momentum", "sgd wd momentum dampening", "adahesscale"])
 @pytest.mark.usefixtures("both_paths")
-def test_a_fused_checkpoint_continues_on_either_route(case):
+def test_a_fused_checkpoint_continues_on_either_route(case, shared):
     """Saved after fused steps, loaded into a fresh fused and a fresh snapshot wrapper: all three
     continue alike; the wrapped optimizer's own state_dict loads into the plain optimizer too."""
-    (a, fused), _ = pair(CASES[case], 0.9)
+    (a, fused), _ = pair(CASES[case], 0.9, shared=shared)
     gen = torch.Generator().manual_seed(2)
     for _ in range(3):
         set_grads([a], gen)
@@ -119,11 +134,11 @@ def test_a_fused_checkpoint_continues_on_either_route(case):
     copies = []
     for route in (True, False):
         ps = [torch.nn.Parameter(p.detach().clone()) for p in a]
-        opt = StepSizeScaling(CASES[case](grouped(ps)), fused=route)
+        opt = StepSizeScaling(CASES[case](grouped(ps, shared)), fused=route)
         buf.seek(0)
         opt.load_state_dict(torch.load(buf, weights_only=True))
         copies.append((ps, opt))
-    plain = CASES[case](grouped([torch.nn.Parameter(p.detach().clone()) for p in a]))
+    plain = CASES[case](grouped([torch.nn.Parameter(p.detach().clone()) for p in a], shared))
     plain.load_state_dict(fused.optimizer.state_dict())  # what the wrapped optimizer holds is its own format
     for _ in range(3):
         set_grads([a] + [ps for ps, _ in copies], gen)
