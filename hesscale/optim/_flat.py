@@ -92,6 +92,7 @@ class Chunk:
     buffers: dict[str, Tensor] = field(default_factory=dict)
     views: dict[str, list[Tensor]] = field(default_factory=dict)
     _halves: tuple[Tensor, Tensor] | None = None
+    _spans: dict[tuple[int, ...], list[tuple[int, int]]] = field(default_factory=dict)
     numel: int = field(init=False)  # entries of all params (a chunk's params never change)
 
     def __post_init__(self) -> None:
@@ -120,6 +121,18 @@ class Chunk:
             gh, n = self.buffer("gh"), self.numel
             self._halves = (gh[:n], gh[n:])
         return self._halves
+
+    def spans(self, counts: tuple[int, ...]) -> list[tuple[int, int]]:
+        """The entry ranges ``[a, b)`` of consecutive runs of ``counts`` params (the groups of a
+        batch, in order); made once per ``counts``."""
+        cached = self._spans.get(counts)
+        if cached is None:
+            ends = [0]
+            for p in self.params:
+                ends.append(ends[-1] + p.numel())
+            firsts = [sum(counts[:i]) for i in range(len(counts) + 1)]
+            cached = self._spans[counts] = [(ends[a], ends[b]) for a, b in zip(firsts, firsts[1:])]
+        return cached
 
     def views_of(self, name: str) -> list[Tensor]:
         """Per-parameter views (shaped like the params) into the flat buffer ``name`` ("g", "h": the

@@ -150,14 +150,10 @@ def _step_batch(scaler: Scaler, rule: Rule, gis: list[int], plans: list[tuple[li
     else:
         scaler._update_ema(chunk, hs, h)
         c = torch.sqrt(scaler._ema(chunk), out=chunk.buffer("c"))
-    counts = [len(plans[gi][1]) for gi in gis]  # params per group, in chunk order
-    if flat:  # c is scratch: c·x in place, then T per group over its segment
+    counts = tuple(len(plans[gi][1]) for gi in gis)  # params per group, in chunk order
+    if flat:  # c is scratch: c·x in place, then T per group over its span
         cx, x0 = c.mul_(x[0]), x[0]
-        ends = [0]
-        for p in params:
-            ends.append(ends[-1] + p.numel())
-        bounds = [ends[sum(counts[:i])] for i in range(len(counts) + 1)]
-        dots = [torch.dot(cx[a:b], x0[a:b]) for a, b in zip(bounds, bounds[1:])]
+        dots = [torch.dot(cx[a:b], x0[a:b]) for a, b in chunk.spans(counts)]
         totals = [dots[0].item()] if len(dots) == 1 else torch.stack(dots).tolist()
         views = _param_views(chunk, layout, x0, g)
     else:  # one group (batches are flat): per-param tensors
