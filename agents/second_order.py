@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch as th
 from torch import nn
@@ -53,6 +53,17 @@ def named_in(root: nn.Module, modules: Iterable[nn.Module]) -> dict[str, nn.Modu
     return {paths[id(m)]: m for m in modules}
 
 
+class _StatsLayout(NamedTuple):
+    """Where :class:`_CurvatureStats` accumulates one set of ĥ tensors."""
+
+    key: tuple  # (group name, param ids) per group
+    sums: list[th.Tensor]  # per-tensor views of flat_sum
+    maxes: list[th.Tensor]  # per-tensor views of flat_max
+    flat_sum: th.Tensor  # Σ_t ĥ_t, entry-wise
+    flat_max: th.Tensor  # max_t ĥ_t, entry-wise
+    segments: list[tuple[str, int, int]]  # (group, first, end) entries of the flat buffers
+
+
 class _CurvatureStats:
     """Running ĥ diagnostics per param group: the mean over a group's entries averaged over the
     updates, and the max over entries and updates.
@@ -66,7 +77,7 @@ class _CurvatureStats:
 
     def __init__(self, group_names: list[str]) -> None:
         self.group_names = group_names
-        self._layout: tuple | None = None  # (key, Σ views, max views, Σ buffer, max buffer, segments)
+        self._layout: _StatsLayout | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -82,19 +93,19 @@ class _CurvatureStats:
         if not hs:
             return
         key = tuple((name, tuple(map(id, params))) for name, params in present)
-        if self._layout is None or key != self._layout[0]:
+        if self._layout is None or key != self._layout.key:
             self.flush()
             self._layout = self._lay_out(key, present, hs)
-        sums, maxes = self._layout[1], self._layout[2]
+        layout = self._layout
         if self._updates == 0:
-            th._foreach_copy_(sums + maxes, hs + hs)
+            th._foreach_copy_(layout.sums + layout.maxes, hs + hs)
         else:
-            th._foreach_add_(sums, hs)
-            th._foreach_maximum_(maxes, hs)
+            th._foreach_add_(layout.sums, hs)
+            th._foreach_maximum_(layout.maxes, hs)
         self._updates += 1
 
     @staticmethod
-    def _lay_out(key: tuple, present: list[tuple[str, list[th.Tensor]]], hs: list[th.Tensor]) -> tuple:
+    def _lay_out(key: tuple, present: list[tuple[str, list[th.Tensor]]], hs: list[th.Tensor]) -> _StatsLayout:
         """Flat Σ and max buffers for ``hs``, their per-tensor views and each group's segment."""
         sizes = [h.numel() for h in hs]
         flat_sum, flat_max = hs[0].new_empty(sum(sizes)), hs[0].new_empty(sum(sizes))
@@ -105,15 +116,15 @@ class _CurvatureStats:
                 end = first + sum(p.numel() for p in params)
                 segments.append((name, first, end))
                 first = end
-        return key, views[0], views[1], flat_sum, flat_max, segments
+        return _StatsLayout(key, views[0], views[1], flat_sum, flat_max, segments)
 
     def flush(self) -> None:
         """Reduce the buffers into the per-group figures."""
         if self._updates:
-            flat_sum, flat_max, segments = self._layout[3:]
-            for name, first, end in segments:
-                self.mean_sum[name] += float(flat_sum[first:end].sum()) / (end - first)
-                top = flat_max[first:end].max()
+            layout = self._layout
+            for name, first, end in layout.segments:
+                self.mean_sum[name] += float(layout.flat_sum[first:end].sum()) / (end - first)
+                top = layout.flat_max[first:end].max()
                 self.max[name] = top if self.max[name] is None else th.maximum(self.max[name], top)
                 self.count[name] += self._updates
         self._updates = 0

@@ -146,6 +146,7 @@ def test_scaled_adahesscale_alpha_per_group_is_the_formula():
     assert isinstance(opt, hesscale.optim.StepSizeScaling)
     assert set(opt.last_scales) == {"pi", "log_std", "vf"}
     assert opt.last_route == "fused"
+    assert (0, 1, 2) in opt._layouts  # the three groups stepped as one flat batch, each with its α
     i = 0
     for group in opt.param_groups:
         (b1, b2), eps, lr = group["betas"], group["eps"], group["lr"]
