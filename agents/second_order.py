@@ -39,9 +39,12 @@ from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence
 import torch as th
 from torch import nn
 
-from hesscale.optim.protocols import CountsSkippedSteps, ReportsStepScales
+from hesscale.optim.protocols import CountsSkippedSteps, ReportsStepScales, StoresGradients
 
 from .divergence import Diverged
+
+
+_NO_STORAGE = (None, None)  # a parameter without storage in CurvatureUpdate._into
 
 
 def named_in(root: nn.Module, modules: Iterable[nn.Module]) -> dict[str, nn.Module]:
@@ -176,6 +179,8 @@ class CurvatureUpdate:
         # runtime-checkable Protocol checks are slow: once here, not per step
         self._reports_scales = isinstance(optimizer, ReportsStepScales)
         self._counts_skips = isinstance(optimizer, CountsSkippedSteps)
+        self._stores_gradients = isinstance(optimizer, StoresGradients)
+        self._into: Mapping[th.Tensor, tuple[th.Tensor, th.Tensor]] = {}  # the storage of the current update
         self._curvature_stats = _CurvatureStats(self.group_names)
         self._reset_stats()
 
@@ -237,8 +242,10 @@ class CurvatureUpdate:
             for p, g in zip(params, grads):
                 p.grad = g
         else:
+            # g and ĥ straight into the optimizer's flat buffers where it offers them (no copy at its step)
+            self._into = self.optimizer.gradient_storage() if self._stores_gradients else {}
             cap.backward(loss, output_hessians=output_hessians, external_grads=list(leaf_hessians or ()),
-                         output_grads=output_grads)
+                         output_grads=output_grads, into=self._into)
             for p, h in (leaf_hessians or {}).items():
                 p.hess_diag = h
         if self.max_grad_norm is not None:
@@ -275,8 +282,13 @@ class CurvatureUpdate:
                     total = th.nn.utils.clip_grad_norm_(self.clip_params, self.max_grad_norm)
                     coef = th.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
                 owners = [p for p in self.clip_params if getattr(p, "hess_diag", None) is not None]
-                # out of place (a closed form may hand one tensor to several), one launch
-                scaled = th._foreach_mul([p.hess_diag for p in owners], coef)
+                # in place where ĥ is in the optimizer's storage (ours alone), else out of place (a
+                # closed form may hand one tensor to several); one launch each
+                stored = [p.hess_diag is self._into.get(p, _NO_STORAGE)[1] for p in owners]
+                if any(stored):
+                    th._foreach_mul_([p.hess_diag for p, mine in zip(owners, stored) if mine], coef)
+                    owners = [p for p, mine in zip(owners, stored) if not mine]
+                scaled = th._foreach_mul([p.hess_diag for p in owners], coef) if owners else []
             for p, h in zip(owners, scaled):
                 p.hess_diag = h
             return

@@ -42,13 +42,16 @@ def _vjp_backward(call, g_out, d_out, gauss_newton, per_sample, need_input):
 
 
 def fused_sweep(
-    calls: MutableSequence, g_acc: list, d_acc: list, gauss_newton: bool, per_sample: bool, routes: dict
+    calls: MutableSequence, g_acc: list, d_acc: list, gauss_newton: bool, per_sample: bool, routes: dict,
+    into: Mapping[Tensor, tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[dict[nn.Parameter, Tensor], dict[nn.Parameter, Tensor]]:
     """Walk ``calls`` backwards from the outside parts ``g_acc[i]``, ``d_acc[i]`` (``None``: none).
 
     Returns ``({param: ∂L/∂θ}, {param: ĥ})`` (``ĥ`` per sample when ``per_sample``); records each
     call's route in ``routes`` (path → ``"fused"`` / ``"autograd"``). Consumes ``calls``, ``g_acc``
     and ``d_acc``: each call's entries are released once used, as autograd frees its buffers.
+    ``into``: storage the fused rules may write a parameter's results into (see
+    :func:`destinations`; not with ``per_sample``).
     """
     grads: dict[nn.Parameter, Tensor] = {}
     hess: dict[nn.Parameter, Tensor] = {}
@@ -84,6 +87,8 @@ def fused_sweep(
             need_input = call.producer is not None or call.chain is not None
             if call.rule.fused:
                 routes[call.path] = FUSED
+                if into is not None:
+                    streams.into = destinations(call.module, into, grads, hess)
                 out = call.rule.fused_backward_from(call.module, call.x, call.y, streams, gauss_newton, per_sample, need_input)
             else:
                 routes[call.path] = AUTOGRAD
@@ -105,6 +110,24 @@ def fused_sweep(
                 call.chain.scatter(g_in, d_in, add)
             del g_in, d_in  # the producer's entries hold them now (none holds what no call reads)
     return grads, hess
+
+
+def destinations(module: nn.Module, into: Mapping[Tensor, tuple[Tensor, Tensor]], grads: Mapping,
+                 hess: Mapping) -> dict[str, tuple[Tensor | None, Tensor]] | None:
+    """Where ``module``'s rule may write its parameters' ``(gradient, ĥ)`` (by attribute name): the
+    storage ``into`` gives for a parameter of its shape and dtype that no earlier call wrote (a
+    shared parameter's later contributions add up in fresh tensors); the gradient only while the
+    parameter has no ``.grad`` (``backward`` accumulates into an existing one)."""
+    out = {}
+    for name, p in module._parameters.items():
+        dest = into.get(p) if p is not None else None
+        if dest is None or p in grads or p in hess:
+            continue
+        g_dest, h_dest = dest
+        if h_dest.shape != p.shape or h_dest.dtype != p.dtype or g_dest.shape != p.shape or g_dest.dtype != p.dtype:
+            continue
+        out[name] = (g_dest if p.grad is None else None, h_dest)
+    return out or None
 
 
 def given_output_hessians(index_of: Callable[[Tensor], int | None], given: Mapping[Tensor, Tensor]) -> dict[int, Tensor]:

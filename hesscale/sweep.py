@@ -257,6 +257,7 @@ class capture:
         output_hessians: Mapping[Tensor, Tensor] | None = None,
         external_grads: bool | Iterable[Tensor] = False,
         output_grads: Mapping[Tensor, Tensor] | None = None,
+        into: Mapping[Tensor, tuple[Tensor, Tensor]] | None = None,
     ) -> None:
         """Accumulate ``.grad`` and set ``.hess_diag`` on the captured and leaf parameters.
 
@@ -272,6 +273,11 @@ class capture:
                 parameter outside the capture → ``∂L/∂param``, accumulated): no autograd call on the
                 fused route (the unfused one differentiates ``loss``); an output without an entry gets
                 no outside gradient, one with an entry needs ``output_hessians``; no leaf parameters.
+            into: optional storage, captured parameter → ``(g, ĥ)`` tensors shaped like it (an
+                optimizer's ``gradient_storage()``): on the fused route a rule that can writes the
+                parameter's gradient (if its ``.grad`` is None) and ĥ there, and they become its
+                ``.grad`` and ``.hess_diag`` (not per sample; a parameter shared by several calls
+                gets the first); other parameters get fresh tensors as without it.
         """
         if self._saved_forwards is not None:
             raise RuntimeError("call capture.backward() after the `with` block has closed")
@@ -281,10 +287,11 @@ class capture:
             raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
         d_given = given_output_hessians(self._index_of, output_hessians or {})
         self.routes = {}
+        into = into if into and not self.per_sample else None
         if self.fused and output_grads is not None:
-            module_hess, leaf_hess = self._closed_form_backward(output_grads, d_given), {}
+            module_hess, leaf_hess = self._closed_form_backward(output_grads, d_given, into), {}
         elif self.fused:
-            module_hess, leaf_hess = self._fused_backward(loss, d_given, external_grads)
+            module_hess, leaf_hess = self._fused_backward(loss, d_given, external_grads, into)
         else:
             module_hess, leaf_hess = self._unfused_backward(loss, d_given, external_grads)
         for p, h in [*module_hess.items(), *leaf_hess.items()]:
@@ -316,7 +323,7 @@ class capture:
             stack.extend(f for f, _ in fn.next_functions)
         return found
 
-    def _fused_backward(self, loss, d_given, external_grads):
+    def _fused_backward(self, loss, d_given, external_grads, into):
         """Steps 1 and 2 of the module docstring."""
         calls, n = self._calls, len(self._calls)
         leaf = [p for p in self._leaf_params if p.requires_grad]
@@ -340,7 +347,7 @@ class capture:
         leaf_hess = {p: exact_param_diag(g, p).detach() for p, g in zip(leaf, rest) if g is not None}
         g_acc = [None if g_out.get(i) is None else g_out[i].detach() for i in range(n)]
         module_grads, module_hess = fused_sweep(
-            calls, g_acc, d_acc, self.method == "hesscale_gn", self.per_sample, self.routes
+            calls, g_acc, d_acc, self.method == "hesscale_gn", self.per_sample, self.routes, into
         )
         for p, g in module_grads.items():  # made under no_grad
             accumulate_grad(p, g)
@@ -349,7 +356,7 @@ class capture:
                 accumulate_grad(p, g.detach())
         return module_hess, leaf_hess
 
-    def _closed_form_backward(self, output_grads, d_given):
+    def _closed_form_backward(self, output_grads, d_given, into):
         """Step 2 of the module docstring from the caller's outside gradients (no autograd call)."""
         if any(p.requires_grad for p in self._leaf_params):
             raise ValueError("output_grads: leaf parameters need their exact diagonal by autograd; pass their "
@@ -357,7 +364,9 @@ class capture:
         calls = self._calls
         g_acc, external = given_outside_gradients(calls, self._index_of, self._owned, output_grads, d_given)
         d_acc = [d_given.get(i) for i in range(len(calls))]
-        module_grads, module_hess = fused_sweep(calls, g_acc, d_acc, self.method == "hesscale_gn", self.per_sample, self.routes)
+        module_grads, module_hess = fused_sweep(
+            calls, g_acc, d_acc, self.method == "hesscale_gn", self.per_sample, self.routes, into
+        )
         for p, g in [*external, *module_grads.items()]:
             accumulate_grad(p, g)
         return module_hess

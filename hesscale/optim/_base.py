@@ -19,7 +19,7 @@ from ._common import (
     scratch_buffers,
     update_moments,
 )
-from ._flat import Chunk, FlatLayout
+from ._flat import Chunk, FlatLayout, GradientStorage
 
 __all__ = ["CurvatureOptimizer", "evaluate_closure", "foreach_update"]
 
@@ -59,6 +59,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._root_buffers: dict[Tensor, Tensor] = {}
         self._flat_cache: dict[int, FlatLayout] = {}
         self._chunks: dict[Any, tuple[tuple[int, ...], list[Chunk]]] = {}  # flat work buffers per group (or batch)
+        self._storage = GradientStorage()
         super().__init__(params, defaults)
 
     # -- hooks for subclasses ----------------------------------------------------------------
@@ -116,6 +117,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             steps.append(state["step"])
         return exp_avgs, second_moments, steps
 
+    def gradient_storage(self) -> dict[Tensor, tuple[Tensor, Tensor]]:
+        """Parameter → ``(g, ĥ)`` views of the flat buffers the last step gathered into: where the
+        next backward may write them (``hesscale.capture.backward(into=...)``; see
+        :class:`~hesscale.optim._flat.GradientStorage`). Empty before the first step."""
+        return self._storage.views
+
     # -- torch.optim.Optimizer overrides ------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -141,6 +148,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self.skipped_steps = skipped
         self._flat_cache = {}  # flat buffers are rebuilt from the loaded per-param state
+        self._storage = GradientStorage()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -156,6 +164,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_root_buffers", {})
         self.__dict__.setdefault("_flat_cache", {})
         self.__dict__.setdefault("_chunks", {})
+        self.__dict__.setdefault("_storage", GradientStorage())
 
     def _begin_step(self) -> None:
         self.last_skipped_groups = set()

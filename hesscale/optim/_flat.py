@@ -16,8 +16,8 @@ from torch import Tensor
 
 from . import _common
 
-__all__ = ["BUFFERS", "Chunk", "FlatLayout", "build_flat_layout", "cached_chunks", "flatten_into", "gather_gh",
-           "make_chunks", "param_views"]
+__all__ = ["BUFFERS", "Chunk", "FlatLayout", "GradientStorage", "build_flat_layout", "cached_chunks", "flatten_into",
+           "gather_gh", "make_chunks", "param_views"]
 
 
 @dataclass
@@ -175,9 +175,48 @@ def flatten_into(chunk: Chunk, name: str, tensors: list[Tensor]) -> Tensor:
     return chunk.buffer(name)
 
 
-def gather_gh(chunk: Chunk, grads: list[Tensor], hess: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+def gather_gh(chunk: Chunk, grads: list[Tensor], hess: list[Tensor],
+              storage: GradientStorage | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``g`` and ``ĥ`` of a small chunk copied side by side into ``gh`` (one launch into the cached
-    per-param views, no reshapes): (gh, g, ĥ)."""
-    torch._foreach_copy_(chunk.views_of("g") + chunk.views_of("h"), grads + hess)
+    per-param views, no reshapes): (gh, g, ĥ). A tensor that already is its view (the backward
+    wrote it there, see :class:`GradientStorage`) is not copied; ``storage`` notes the chunk."""
+    views = chunk.views_of("g") + chunk.views_of("h")
+    tensors = grads + hess
+    moved = [(v, t) for v, t in zip(views, tensors) if v is not t]
+    if len(moved) == len(views):
+        torch._foreach_copy_(views, tensors)
+    elif moved:
+        torch._foreach_copy_([v for v, _ in moved], [t for _, t in moved])
+    if storage is not None:
+        storage.note(chunk)
     g, h = chunk.halves()
     return chunk.buffer("gh"), g, h
+
+
+class GradientStorage:
+    """Where the next backward may write each parameter's gradient and ĥ: its views into the
+    ``gh`` buffers of the flat chunks the optimizer gathered into at its last step.
+
+    ``hesscale.capture.backward(into=views)`` makes ``p.grad`` and ``p.hess_diag`` those views
+    (for a parameter whose ``grad`` is None), so the next :func:`gather_gh` copies nothing. Like
+    ``zero_grad(set_to_none=False)``, this reuses the tensors: a reference to an old ``p.grad``
+    sees the next backward's values. Correctness never depends on it being current: a tensor that
+    is not its chunk's view is copied as before.
+    """
+
+    def __init__(self) -> None:
+        self.views: dict[Tensor, tuple[Tensor, Tensor]] = {}
+        self._noted: list[Chunk] = []
+        self._chunks: list[Chunk] = []
+
+    def note(self, chunk: Chunk) -> None:
+        """``chunk`` was gathered into during this step."""
+        self._noted.append(chunk)
+
+    def settle(self) -> None:
+        """End of a step: the views are those of the chunks noted in it (rebuilt when they changed)."""
+        if len(self._noted) != len(self._chunks) or any(a is not b for a, b in zip(self._noted, self._chunks)):
+            self._chunks = self._noted
+            self.views = {p: (g, h) for ch in self._chunks
+                          for p, g, h in zip(ch.params, ch.views_of("g"), ch.views_of("h"))}
+        self._noted = []

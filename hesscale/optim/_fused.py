@@ -115,7 +115,7 @@ def _step_batch(scaler: Scaler, rule: Rule, gis: list[int], plans: list[tuple[li
     grads = [p.grad for p in params]  # read under no_grad (step's decorator): no detach needed
     g = h = None
     if chunk.small:
-        gh, g, h = gather_gh(chunk, grads, hs)
+        gh, g, h = gather_gh(chunk, grads, hs, scaler._storage)
         ok = finite(gh.sum())
     else:
         ok = all_finite(grads + hs)

@@ -90,7 +90,7 @@ class AdaHesScale(CurvatureOptimizer):
                     raise RuntimeError("AdaHesScale does not support sparse gradients")
                 hess.append(read_hess_diag(p, "AdaHesScale", group, gi, pi))
                 params.append(p)
-                grads.append(p.grad.detach())
+                grads.append(p.grad)  # under no_grad: no detach (a view of our storage stays itself)
             if not params:
                 continue
             flat = self._flat_state(gi, params)
@@ -98,6 +98,7 @@ class AdaHesScale(CurvatureOptimizer):
                 self._step_flat(gi, group, params, grads, hess, flat)
             else:
                 self._step_foreach(gi, group, params, grads, hess)
+        self._storage.settle()
         return loss
 
     def _step_foreach(
@@ -125,7 +126,7 @@ class AdaHesScale(CurvatureOptimizer):
     ) -> None:
         """The path of small groups: one flat copy of g and ĥ, a handful of launches in all."""
         (chunk,) = cached_chunks(self._chunks, gi, params)
-        gh, g, h = gather_gh(chunk, grads, hess)
+        gh, g, h = gather_gh(chunk, grads, hess, self._storage)
         if not finite(gh.sum()):
             self._skip_group(gi)
             return

@@ -20,7 +20,7 @@ from ._common import (
     group_key,
     read_hess_diag,
 )
-from ._flat import Chunk, FlatLayout, cached_chunks, flatten_into, gather_gh
+from ._flat import Chunk, FlatLayout, GradientStorage, cached_chunks, flatten_into, gather_gh
 from ._fused import fused_rule, fused_step
 
 __all__ = ["StepSizeScaling"]
@@ -100,6 +100,7 @@ class StepSizeScaling(torch.optim.Optimizer):
         self.last_route = ""
         self._chunks: dict[Any, tuple[tuple[int, ...], list[Chunk]]] = {}  # flat work buffers per group (or batch)
         self._layouts: dict[Any, FlatLayout] = {}  # the fused route's flat state of small groups (or batches)
+        self._storage = GradientStorage()
 
     # -- sharing the wrapped optimizer's groups -----------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -123,6 +124,7 @@ class StepSizeScaling(torch.optim.Optimizer):
         self.__dict__.setdefault("fused", True)
         self.__dict__.setdefault("last_route", "")
         self.__dict__.setdefault("_layouts", {})
+        self.__dict__.setdefault("_storage", GradientStorage())
 
     # -- the torch optimizer interface ----------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -146,7 +148,16 @@ class StepSizeScaling(torch.optim.Optimizer):
             fused_step(self, rule, plans)
         else:
             self._snapshot_step(plans)
+        self._storage.settle()
         return loss
+
+    def gradient_storage(self) -> dict[Tensor, tuple[Tensor, Tensor]]:
+        """Parameter → ``(g, ĥ)`` views of the flat buffers the last step gathered into (this
+        wrapper's, else its wrapped curvature optimizer's): where the next backward may write them
+        (``hesscale.capture.backward(into=...)``; see :class:`~hesscale.optim._flat.GradientStorage`)."""
+        if self._storage.views or not isinstance(self.optimizer, CurvatureOptimizer):
+            return self._storage.views
+        return self.optimizer.gradient_storage()
 
     def _snapshot_step(self, plans: list[tuple[list[int], list[Tensor]] | None]) -> None:
         """The route for any optimizer: snapshot θ, let it step, recover ``u = θ_before − θ_after``."""
@@ -172,7 +183,7 @@ class StepSizeScaling(torch.optim.Optimizer):
                 flat_h, sums = [], []
                 for ch, h in zip(chunks, per_chunk):
                     if ch.small:
-                        gh, _, h_flat = gather_gh(ch, [p.grad for p in ch.params], h)
+                        gh, _, h_flat = gather_gh(ch, [p.grad for p in ch.params], h, self._storage)
                         sums.append(gh.sum())
                         flat_h.append(h_flat)
                     else:
@@ -290,6 +301,7 @@ class StepSizeScaling(torch.optim.Optimizer):
         self.skipped_steps = int(scaler["skipped_steps"])
         self.last_scales = dict(scaler["last_scales"])
         self._chunks, self._layouts = {}, {}  # rebuilt from the loaded state at the next step
+        self._storage = GradientStorage()
 
     def _param_indices(self) -> dict[int, int]:
         index: dict[int, int] = {}

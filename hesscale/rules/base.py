@@ -16,15 +16,25 @@ class Streams(list):
 
     ``owned``: the engine made both tensors (a fused rule's fresh results, or sums) and holds no
     other reference to them, nor does the caller: the rule may overwrite them in place.
+    ``into``: None, or parameter name → ``(gradient, ĥ)`` tensors shaped like it (the gradient's
+    may be None) that the rule may write its results for that parameter into and return (``out=``
+    of the product that makes them); a rule that does not is still correct.
     """
 
-    __slots__ = ("owned",)
+    __slots__ = ("owned", "into")
 
     @classmethod
     def of(cls, g_out: Tensor, d_out: Tensor, owned: bool = False) -> "Streams":
         streams = cls((g_out, d_out))
         streams.owned = owned
+        streams.into = None
         return streams
+
+    def destination(self, name: str, which: int) -> Tensor | None:
+        """Where to write parameter ``name``'s gradient (``which`` 0) or ĥ (1), if anywhere."""
+        into = getattr(self, "into", None)
+        dest = into.get(name) if into else None
+        return dest[which] if dest is not None else None
 
 
 class Rule:

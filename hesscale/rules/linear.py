@@ -48,7 +48,9 @@ class LinearRule(Rule):
         ``g_in``, ``∂L/∂W``)."""
         g_out, d_out = streams
         streams.clear()
-        w = module.weight
+        w, bias = module.weight, module.bias is not None
+        put = streams.destination  # the caller's storage for a result, else None (a fresh tensor)
+        hw, hb, gw, gb = put("weight", 1), put("bias", 1), put("weight", 0), put("bias", 0)
         flat = x.dim() == 2  # SB3's networks: no reshapes (each costs about a third of a small op)
         x2d = x if flat else x.reshape(-1, x.shape[-1])
         d = d_out if flat else d_out.reshape(-1, d_out.shape[-1])
@@ -58,15 +60,15 @@ class LinearRule(Rule):
         if per_sample:
             hess = self.param_diag(module, x, y, d_out, per_sample)
         else:
-            hess = {"weight": torch.mm(d.t(), x2d.square())}
-            if module.bias is not None:
-                hess["bias"] = d.sum(0)
+            hess = {"weight": torch.mm(d.t(), x2d.square(), out=hw)}
+            if bias:
+                hess["bias"] = torch.sum(d, 0, out=hb)
         del d, d_out  # the curvature stream is used up: free it before the gradient half
         g = g_out if flat else g_out.reshape(-1, g_out.shape[-1])
         g_in = None
         if need_input:
             g_in = torch.mm(g, w) if flat else g_out.matmul(w)
-        grads = {"weight": torch.mm(g.t(), x2d)}
-        if module.bias is not None:
-            grads["bias"] = g.sum(0)
+        grads = {"weight": torch.mm(g.t(), x2d, out=gw)}
+        if bias:
+            grads["bias"] = torch.sum(g, 0, out=gb)
         return grads, hess, g_in, d_in

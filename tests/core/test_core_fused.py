@@ -339,3 +339,43 @@ def test_backward_without_a_loss_needs_the_closed_forms_on_the_fused_route():
             out = model(x)
         with pytest.raises(ValueError, match="loss=None needs output_grads on the fused route"):
             cap.backward(None, output_hessians={out: torch.ones_like(out)}, output_grads=None if fused else {out: out.detach()})
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_results_land_in_the_callers_storage(float64, per_sample):
+    """``backward(into=...)``: each Linear writes its parameters' gradient and ĥ into the given
+    tensors, which become ``.grad`` / ``.hess_diag``, with the values of a run without storage.
+    Exceptions, each still exact: a layer called twice (its second contribution adds up in a fresh
+    tensor), a ``.grad`` that already holds a gradient (accumulated, as without storage), and
+    per-sample curvature (no storage at all)."""
+    torch.manual_seed(8)
+    shared, act, head = nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)
+    model = nn.ModuleList([shared, act, head])
+    x, y = torch.randn(6, 4), torch.randn(6, 2)
+
+    def run(into=None, preset=None):
+        model.zero_grad(set_to_none=True)
+        for p in model.parameters():
+            p.hess_diag = None
+        if preset is not None:
+            head.weight.grad = preset.clone()
+        with hesscale.capture(model, per_sample=per_sample) as cap:
+            loss = nn.functional.mse_loss(head(act(shared(act(shared(x))))), y)
+        cap.backward(loss, into=into)
+        assert set(cap.routes.values()) == {"fused"}
+        return [(p.grad, p.hess_diag) for p in model.parameters()]
+
+    reference = [(g.clone(), h.clone()) for g, h in run()]
+    storage = {p: (torch.full_like(p, float("nan")), torch.full_like(p, float("nan"))) for p in model.parameters()}
+    stored = run(into=storage)
+    for (g, h), (g_ref, h_ref) in zip(stored, reference):
+        torch.testing.assert_close(g, g_ref, **TOL)
+        torch.testing.assert_close(h, h_ref, **TOL)
+    for p in head.parameters():
+        assert (p.grad is storage[p][0] and p.hess_diag is storage[p][1]) == (not per_sample)
+    assert all(p.grad is not storage[p][0] for p in shared.parameters())
+    preset = torch.randn_like(head.weight)
+    stored = run(into=storage, preset=preset)
+    torch.testing.assert_close(head.weight.grad, preset + reference[2][0], **TOL)
+    assert head.weight.grad is not storage[head.weight][0]
+    assert (head.weight.hess_diag is storage[head.weight][1]) == (not per_sample)

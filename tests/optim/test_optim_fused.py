@@ -205,3 +205,33 @@ def test_the_wrapped_optimizer_and_the_wrapper_may_take_turns(case):
         for opt in (fused, snapshot):
             (opt.optimizer if who == "inner" else opt).step()
         assert_same(a, fused, b, snapshot)
+
+
+@pytest.mark.parametrize("make", ["scaled adam", "scaled adahesscale", "adahesscale"])
+def test_gradients_written_into_the_storage_step_as_fresh_ones(make):
+    """``gradient_storage()`` offers, after a step, per-param views of the flat buffers that step
+    gathered into; g and ĥ written there (as ``capture.backward(into=...)`` does) step exactly as
+    the same values in fresh tensors, which the twin optimizer copies in."""
+    build = {
+        "scaled adam": lambda ps: StepSizeScaling(torch.optim.Adam(grouped(ps, True), lr=0.1), delta=1e-3, beta=0.9),
+        "scaled adahesscale": lambda ps: StepSizeScaling(AdaHesScale(grouped(ps, True), lr=0.1), delta=1e-3),
+        "adahesscale": lambda ps: AdaHesScale(grouped(ps, True), lr=0.1),
+    }[make]
+    a, b = make_params(SHAPES), make_params(SHAPES)
+    opt_a, opt_b = build(a), build(b)
+    assert opt_a.gradient_storage() == {}
+    gen = torch.Generator().manual_seed(4)
+    for step in range(4):
+        set_grads([b], gen)
+        storage = opt_a.gradient_storage()
+        assert (set(storage) == set(a)) == (step > 0)
+        for p, q in zip(a, b):
+            if step > 0:  # the backward's writes: the values land in the storage, which becomes .grad
+                g, h = storage[p]
+                p.grad, p.hess_diag = g.copy_(q.grad), h.copy_(q.hess_diag)
+            else:
+                p.grad, p.hess_diag = q.grad.clone(), q.hess_diag.clone()
+        opt_a.step()
+        opt_b.step()
+        for p, q in zip(a, b):
+            assert torch.equal(p.detach(), q.detach())
