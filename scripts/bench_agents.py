@@ -2,12 +2,13 @@
 """Speed of the agents' curvature path vs their first-order baseline (ratios, not absolute times).
 
 For each algorithm on HalfCheetah-v5 (SB3's default hyperparameters, one env, one torch thread),
-runs of the first-order baseline (SB3's own optimizer and ``train()``) and of Scaled AdaHesScale
-(HesScale curvature, the paper's headline optimizer; SAC with ``actor_curvature`` "gn" and
-"exact") alternate in one process, from the same seed. Per run it measures the time spent in
-``train()`` (the training phase) and the overall env-steps/s of ``learn()``; it reports, per
-repetition, the ratios curvature / first-order (training phase: higher = slower; throughput:
-lower = slower) and their medians.
+the first-order baseline (SB3's own optimizer and ``train()``) and Scaled AdaHesScale (HesScale
+curvature, the paper's headline optimizer; SAC with ``actor_curvature`` "gn" and "exact") learn
+from the same seed in one process, in lockstep: each arm learns a chunk (one rollout and its
+``train()`` for PPO, 500 steps for A2C, 100 for SAC) in turn, so that this machine's drift falls on
+both alike (:func:`paired_runs`). Per repetition it measures each arm's time spent in ``train()``
+(the training phase) and its overall env-steps/s in ``learn()``, and reports the ratios curvature /
+first-order (training phase: higher = slower; throughput: lower = slower) and their medians.
 
     python scripts/bench_agents.py                       # ~8 minutes on one core
     python scripts/bench_agents.py --reps 5 --algos ppo  # more repetitions, one algorithm
@@ -148,26 +149,43 @@ class ExtraProducts:
         return total
 
 
-def one_run(algo: str, optimizer, env_id: str, steps: int, seed: int) -> dict:
-    kwargs = dict(seed=seed, device="cpu", optimizer=optimizer, **EXTRA.get(algo, {}))
-    model = CLASSES[algo](POLICIES.get(algo, "MlpPolicy"), _env(algo, env_id), **kwargs)
-    train_time = [0.0]
-    inner = model.train
+def paired_runs(algo: str, arms: dict, env_id: str, steps: int, seed: int) -> dict[str, dict]:
+    """One repetition: every arm's model (same seed) learns ``steps`` env steps in lockstep, each a
+    chunk in turn (one rollout and its ``train()`` for PPO, 500 steps for A2C, 100 for SAC; the arm
+    going first rotates), so that this machine's drift (±30 % over seconds) falls on all arms alike.
+    Per arm: time inside ``train()``, time inside ``learn()``, env-steps/s and the extra products."""
+    models, runs = {}, {}
+    for arm, optimizer in arms.items():
+        kwargs = dict(seed=seed, device="cpu", optimizer=optimizer, **EXTRA.get(algo, {}))
+        model = models[arm] = CLASSES[algo](POLICIES.get(algo, "MlpPolicy"), _env(algo, env_id), **kwargs)
+        run = runs[arm] = {"train_s": 0.0, "total_s": 0.0, "extra": ExtraProducts()}
+        model.train = _timed(model.train, run)
+    first = next(iter(models.values()))
+    chunk = max(first.n_steps * first.n_envs, 500 // first.n_steps * first.n_steps) if hasattr(first, "n_steps") else 100
+    names = list(arms)
+    for turn, done in enumerate(range(0, steps, chunk)):
+        for arm in names[turn % len(names):] + names[:turn % len(names)]:
+            run = runs[arm]
+            start = time.perf_counter()
+            with run["extra"]:
+                models[arm].learn(min(chunk, steps - done), reset_num_timesteps=done == 0)
+            run["total_s"] += time.perf_counter() - start
+    results = {}
+    for arm, run in runs.items():
+        model, extra = models[arm], run.pop("extra")
+        assert model.divergence is None, model.divergence
+        results[arm] = {**run, "steps_per_s": model.num_timesteps / run["total_s"],
+                        "extra_s": extra.seconds() if extra.counts else 0.0}
+    return results
 
+
+def _timed(train, run: dict):
     def timed_train(*args, **kw):
         start = time.perf_counter()
-        inner(*args, **kw)
-        train_time[0] += time.perf_counter() - start
+        train(*args, **kw)
+        run["train_s"] += time.perf_counter() - start
 
-    model.train = timed_train
-    extra = ExtraProducts()
-    start = time.perf_counter()
-    with extra:
-        model.learn(steps)
-    total = time.perf_counter() - start
-    assert model.divergence is None, model.divergence
-    return {"train_s": train_time[0], "total_s": total, "steps_per_s": model.num_timesteps / total,
-            "extra_s": extra.seconds() if extra.counts else 0.0}
+    return timed_train
 
 
 def main() -> None:
@@ -194,20 +212,15 @@ def main() -> None:
 
     # warm-up (imports, MuJoCo, allocator) — not measured
     for algo in args.algos:
-        for opt in ARMS[algo].values():
-            one_run(algo, opt, args.env, {"ppo": 128, "a2c": 50, "sac": 130, "ppo_cnn": 256, "sac_cnn": 102, "sac_her": 110,
-                                                "ppo_zoo": 128}[algo], 0)
+        paired_runs(algo, ARMS[algo], args.env, {"ppo": 128, "a2c": 50, "sac": 130, "ppo_cnn": 256, "sac_cnn": 102,
+                                                  "sac_her": 110, "ppo_zoo": 128}[algo], 0)
 
     results: dict = {}
     for algo in args.algos:
         runs = {arm: [] for arm in ARMS[algo]}
         for rep in range(args.reps):
-            order = list(ARMS[algo].items())
-            if rep % 2:  # alternate the order too
-                order = order[::-1]
-            for arm, opt in order:
-                runs[arm].append(one_run(algo, opt, args.env, steps[algo], seed=rep))
-                r = runs[arm][-1]
+            for arm, r in paired_runs(algo, ARMS[algo], args.env, steps[algo], seed=rep).items():
+                runs[arm].append(r)
                 print(f"{algo} rep {rep} {arm:26s} train {r['train_s']:7.2f}s  total {r['total_s']:7.2f}s  "
                       f"{r['steps_per_s']:7.1f} steps/s", flush=True)
         base = runs["first_order"]
@@ -229,7 +242,7 @@ def main() -> None:
         base_fraction = statistics.median(b["train_s"] / b["total_s"] for b in base)
         results[algo] = {"steps_per_run": steps[algo], "first_order_train_fraction": base_fraction, "ratios": ratios}
 
-    print("\nmedian ratios (curvature / first-order), alternating runs, one thread:")
+    print("\nmedian ratios (curvature / first-order), arms in lockstep, one thread:")
     print(f"{'algo':8s} {'arm':26s} {'train phase':>12s} {'floor':>6s} {'overall steps/s':>16s} {'f (FO train share)':>19s}")
     for algo, res in results.items():
         for arm, r in res["ratios"].items():
@@ -245,7 +258,7 @@ def main() -> None:
         "threads": th.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "torch": th.__version__,
-        "note": "ratios of runs alternating in one process; train phase = time inside train(); "
+        "note": "ratios of arms learning in lockstep in one process; train phase = time inside train(); "
         "first_order = SB3's own optimizer (Adam; A2C RMSprop) and train()",
         "results": results,
     }
@@ -270,7 +283,7 @@ def main() -> None:
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(list(xs), labels, fontsize=8)
         ax.set_ylabel("curvature / first-order")
-        ax.set_title(f"{args.env}, median of {args.reps} alternating runs, 1 thread")
+        ax.set_title(f"{args.env}, median of {args.reps} repetitions (arms in lockstep), 1 thread")
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out.with_suffix(".png"), dpi=120)
