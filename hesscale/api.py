@@ -37,7 +37,8 @@ def hessian_diagonal(
     parameters get ``hess_diag`` (the rest of the model counts as loss: its curvature reaches the
     captured modules exactly, by autograd, and nothing passes upstream of them), every parameter
     gets ``.grad``. Use it to leave out a module without a rule. ``fused=False`` takes the unfused
-    route (see :class:`hesscale.capture`).
+    route (see :class:`hesscale.capture`); ``into=optimizer.gradient_storage()`` writes gradients and
+    ĥ straight into the optimizer's flat buffers (see :meth:`hesscale.capture.backward`).
     """
     if method in SWEEP_METHODS:
         return _sweep(model, loss_fn, inputs, targets, method, **method_kwargs)
@@ -106,7 +107,8 @@ def _capture_for(model: nn.Module, modules, method: str, per_sample: bool, fused
     return found
 
 
-def _sweep(model, loss_fn, inputs, targets, method, per_sample: bool = False, modules=None, fused: bool = True):
+def _sweep(model, loss_fn, inputs, targets, method, per_sample: bool = False, modules=None, fused: bool = True,
+           into=None):
     cap, named, outside = _capture_for(model, modules, method, per_sample, fused)
     with cap:
         output = model(inputs)
@@ -123,7 +125,7 @@ def _sweep(model, loss_fn, inputs, targets, method, per_sample: bool = False, mo
         p.hess_diag = None  # a parameter the loss does not reach this time gets none
     given = None if closed is None else {output: closed[1]}
     if no_graph:
-        cap.backward(None, output_hessians=given, output_grads={output: closed[0]})
+        cap.backward(None, output_hessians=given, output_grads={output: closed[0]}, into=into)
     else:
-        cap.backward(loss, output_hessians=given, external_grads=outside)
+        cap.backward(loss, output_hessians=given, external_grads=outside, into=into)
     return {name: p.hess_diag for name, p in named if p.hess_diag is not None}

@@ -9,11 +9,13 @@ persistent work buffers) less the optimizer state (the wrapped optimizer's and t
 each storage once):
 
 * first-order: ``zero_grad()``, ``loss.backward()``, ``Adam.step()``
-* curvature:   ``zero_grad()``, ``hesscale.hessian_diagonal`` (gradient + ĥ), the optimizer's step
+* curvature:   ``zero_grad()``, ``hesscale.hessian_diagonal`` (gradient + ĥ, written into the
+  optimizer's ``gradient_storage()`` as the agents' update writes them), the optimizer's step
 
-Reported beside the peak of the whole update: the same without StepSizeScaling's persistent work
-buffers (flat copies, u, c: kept so that no parameter-sized temporary is allocated per step), the
-peak of the optimizer step alone, and those buffers in units of the parameters' size. Writes
+Reported beside the peak of the whole update: the same without the optimizers' persistent work
+buffers (u, c, a copy of θ: kept so that no parameter-sized temporary is allocated per step; not
+the flat ``gh`` buffer, which holds the gradient and ĥ themselves), the peak of the optimizer step
+alone, and those buffers in units of the parameters' size. Writes
 docs/results/bench_optim_memory.json.
 """
 
@@ -112,7 +114,7 @@ def measure(name: str) -> dict:
             if first_order:
                 loss_fn(model(x), y).backward()
             else:
-                hesscale.hessian_diagonal(model, loss_fn, x, y)
+                hesscale.hessian_diagonal(model, loss_fn, x, y, into=opt.gradient_storage())
 
         def update() -> None:
             gradients()
@@ -124,8 +126,9 @@ def measure(name: str) -> dict:
         gradients()
         step = peak_bytes(opt.step, state_bytes(opt))
         chunks = getattr(opt, "_chunks", {})
+        # the EMA is optimizer state; gh holds the gradient and ĥ themselves (the backward writes them there)
         work = sum(b.numel() * b.element_size() for _, cs in chunks.values() for c in cs
-                   for key, b in c.buffers.items() if key != "ema")  # the EMA is optimizer state
+                   for key, b in c.buffers.items() if key not in ("ema", "gh"))
         out[arm] = {"update_peak_bytes": total, "step_peak_bytes": step, "persistent_work_in_params": work / param_bytes}
     base = out["Adam (first-order)"]
     for arm in ARMS:

@@ -379,3 +379,24 @@ def test_results_land_in_the_callers_storage(float64, per_sample):
     torch.testing.assert_close(head.weight.grad, preset + reference[2][0], **TOL)
     assert head.weight.grad is not storage[head.weight][0]
     assert (head.weight.hess_diag is storage[head.weight][1]) == (not per_sample)
+
+
+def test_hessian_diagonal_writes_into_an_optimizers_storage(float64):
+    """``hessian_diagonal(..., into=opt.gradient_storage())``: after one step of AdaHesScale the
+    next call's gradients and ĥ are the optimizer's flat views, with the values of a plain call."""
+    torch.manual_seed(9)
+    model, x, y = _mlp(nn.Tanh), torch.randn(6, 4), torch.randn(6, 3)
+    opt = hesscale.optim.AdaHesScale(model.parameters(), lr=1e-2)
+    hesscale.hessian_diagonal(model, nn.MSELoss(), x, y)
+    opt.step()
+    storage = opt.gradient_storage()
+    assert set(storage) == set(model.parameters())
+    opt.zero_grad()
+    reference = hesscale.hessian_diagonal(model, nn.MSELoss(), x, y)
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.zero_grad()
+    stored = hesscale.hessian_diagonal(model, nn.MSELoss(), x, y, into=storage)
+    for (name, p), g in zip(model.named_parameters(), grads):
+        assert p.grad is storage[p][0] and p.hess_diag is storage[p][1] and stored[name] is storage[p][1]
+        torch.testing.assert_close(p.grad, g, **TOL)
+        torch.testing.assert_close(stored[name], reference[name], **TOL)
