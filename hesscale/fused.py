@@ -115,7 +115,7 @@ def fused_sweep(
 def destinations(module: nn.Module, into: Mapping[Tensor, tuple[Tensor, Tensor]], grads: Mapping,
                  hess: Mapping) -> dict[str, tuple[Tensor | None, Tensor]] | None:
     """Where ``module``'s rule may write its parameters' ``(gradient, ĥ)`` (by attribute name): the
-    storage ``into`` gives for a parameter of its shape and dtype that no earlier call wrote (a
+    storage ``into`` gives for a parameter (its shape, dtype, device) that no earlier call wrote (a
     shared parameter's later contributions add up in fresh tensors); the gradient only while the
     parameter has no ``.grad`` (``backward`` accumulates into an existing one)."""
     out = {}
@@ -124,7 +124,7 @@ def destinations(module: nn.Module, into: Mapping[Tensor, tuple[Tensor, Tensor]]
         if dest is None or p in grads or p in hess:
             continue
         g_dest, h_dest = dest
-        if h_dest.shape != p.shape or h_dest.dtype != p.dtype or g_dest.shape != p.shape or g_dest.dtype != p.dtype:
+        if not all(t.shape == p.shape and t.dtype == p.dtype and t.device == p.device for t in dest):
             continue
         out[name] = (g_dest if p.grad is None else None, h_dest)
     return out or None
