@@ -59,7 +59,9 @@ class StepSizeScaling(torch.optim.Optimizer):
     (the wrapped optimizer's ``step()`` is not called, nor hooks registered on it: register
     them on this wrapper).
     *snapshot* (any other optimizer, or ``fused=False``): θ is copied, the wrapped optimizer steps,
-    and ``u = θ_before − θ_after`` is rescaled.
+    and ``u = θ_before − θ_after`` is rescaled. On the fused route, small groups with equal options
+    step as one flat batch (α still per group); :meth:`gradient_storage` tells a backward where to
+    write the next gradients and ĥ so that the step copies nothing in.
 
     Args:
         optimizer: the optimizer to wrap.
