@@ -235,3 +235,27 @@ def test_gradients_written_into_the_storage_step_as_fresh_ones(make):
         opt_b.step()
         for p, q in zip(a, b):
             assert torch.equal(p.detach(), q.detach())
+
+
+def test_groups_of_different_dtypes_never_share_a_batch():
+    """Equal options but float32 and float64 groups: each steps in its own flat chunk, as the
+    snapshot route steps them."""
+    def params():
+        return [make_params(SHAPES[:2], dtype=torch.float32), make_params(SHAPES[2:], dtype=torch.float64)]
+
+    (a32, a64), (b32, b64) = params(), params()
+    fused = StepSizeScaling(AdaHesScale([{"params": a32, "name": "f32"}, {"params": a64, "name": "f64"}], lr=0.1), delta=1e-3)
+    snapshot = StepSizeScaling(AdaHesScale([{"params": b32, "name": "f32"}, {"params": b64, "name": "f64"}], lr=0.1),
+                               delta=1e-3, fused=False)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        for p, q in zip(a32 + a64, b32 + b64):
+            g, h = torch.randn(p.shape, generator=gen, dtype=torch.float64), torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            p.grad, p.hess_diag = g.to(p.dtype), h.to(p.dtype)
+            q.grad, q.hess_diag = g.to(q.dtype), h.to(q.dtype)
+        fused.step()
+        snapshot.step()
+        assert fused.last_route == "fused"
+        for p, q in zip(a32 + a64, b32 + b64):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-6)
+    assert set(fused._layouts) == {0, 1}
