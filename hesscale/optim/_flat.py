@@ -180,12 +180,8 @@ def gather_gh(chunk: Chunk, grads: list[Tensor], hess: list[Tensor],
     """``g`` and ``ĥ`` of a small chunk copied side by side into ``gh`` (one launch into the cached
     per-param views, no reshapes): (gh, g, ĥ). A tensor that already is its view (the backward
     wrote it there, see :class:`GradientStorage`) is not copied; ``storage`` notes the chunk."""
-    views = chunk.views_of("g") + chunk.views_of("h")
-    tensors = grads + hess
-    moved = [(v, t) for v, t in zip(views, tensors) if v is not t]
-    if len(moved) == len(views):
-        torch._foreach_copy_(views, tensors)
-    elif moved:
+    moved = [(v, t) for v, t in zip(chunk.views_of("g") + chunk.views_of("h"), grads + hess) if v is not t]
+    if moved:
         torch._foreach_copy_([v for v, _ in moved], [t for _, t in moved])
     if storage is not None:
         storage.note(chunk)

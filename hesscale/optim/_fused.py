@@ -73,20 +73,22 @@ def _batches(scaler: Scaler, plans: list[tuple[list[int], list[Tensor]] | None])
     and ``name``) on one device and dtype, up to ``FLAT_LIMIT`` entries together; any other group
     alone. Each keeps its own α (the sums ``T`` are taken per group)."""
     batches: list[list[int]] = []
-    open_batches: dict[Any, tuple[list[int], list[int]]] = {}  # options → (batch, [its entries])
+    entries: list[int] = []  # of each batch
+    open_batches: dict[Any, int] = {}  # options → the index of the batch that takes such groups
     for gi, plan in enumerate(plans):
         if plan is None:
             continue
         (chunk,) = scaler._chunks_for(gi, plan[1])
         options = _options(scaler.param_groups[gi], chunk) if chunk.small else None
-        batch = open_batches.get(options) if options is not None else None
-        if batch is not None and batch[1][0] + chunk.numel <= _common.FLAT_LIMIT:
-            batch[0].append(gi)
-            batch[1][0] += chunk.numel
+        b = open_batches.get(options) if options is not None else None
+        if b is not None and entries[b] + chunk.numel <= _common.FLAT_LIMIT:
+            batches[b].append(gi)
+            entries[b] += chunk.numel
             continue
-        batches.append([gi])
         if options is not None:
-            open_batches[options] = (batches[-1], [chunk.numel])
+            open_batches[options] = len(batches)
+        batches.append([gi])
+        entries.append(chunk.numel)
     return batches
 
 
@@ -121,8 +123,7 @@ def _step_batch(scaler: Scaler, rule: Rule, gis: list[int], plans: list[tuple[li
         ok = all_finite(grads + hs)
     if not ok:
         if len(gis) > 1:  # find the groups at fault: each steps (or is skipped) on its own
-            for gi in gis:
-                _step_batch(scaler, rule, [gi], plans, hess)
+            _step_each(scaler, rule, gis, plans, hess)
             return
         scaler.skipped_steps += 1
         if curvature:
@@ -131,8 +132,7 @@ def _step_batch(scaler: Scaler, rule: Rule, gis: list[int], plans: list[tuple[li
     group = scaler.param_groups[gis[0]]  # the options every group of the batch shares
     states, layout = _flat_layout(scaler, rule, group, slot, chunk)
     if layout is None and len(gis) > 1:  # no flat state for the batch (e.g. its step counts differ)
-        for gi in gis:
-            _step_batch(scaler, rule, [gi], plans, hess)
+        _step_each(scaler, rule, gis, plans, hess)
         return
     state, steps, adopt = _state(rule, group, chunk.params, states, layout)
     flat = layout is not None
@@ -166,6 +166,13 @@ def _step_batch(scaler: Scaler, rule: Rule, gis: list[int], plans: list[tuple[li
         torch._foreach_add_(params[first:first + count], views[first:first + count], alpha=-alpha * f)
         scaler.last_scales[group_key(scaler.param_groups[gi], gi)] = alpha
         first += count
+
+
+def _step_each(scaler: Scaler, rule: Rule, gis: list[int], plans: list[tuple[list[int], list[Tensor]] | None],
+               hess: list[list[Tensor] | None]) -> None:
+    """The groups of a batch that cannot step as one, each on its own."""
+    for gi in gis:
+        _step_batch(scaler, rule, [gi], plans, hess)
 
 
 def _flat_layout(scaler: Scaler, rule: Rule, group: dict[str, Any], slot: int | tuple[int, ...],
