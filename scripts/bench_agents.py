@@ -160,8 +160,7 @@ def paired_runs(algo: str, arms: dict, env_id: str, steps: int, seed: int) -> di
         model = models[arm] = CLASSES[algo](POLICIES.get(algo, "MlpPolicy"), _env(algo, env_id), **kwargs)
         run = runs[arm] = {"train_s": 0.0, "total_s": 0.0, "extra": ExtraProducts()}
         model.train = _timed(model.train, run)
-    first = next(iter(models.values()))
-    chunk = max(first.n_steps * first.n_envs, 500 // first.n_steps * first.n_steps) if hasattr(first, "n_steps") else 100
+    chunk = _chunk_steps(next(iter(models.values())))
     names = list(arms)
     for turn, done in enumerate(range(0, steps, chunk)):
         for arm in names[turn % len(names):] + names[:turn % len(names)]:
@@ -177,6 +176,15 @@ def paired_runs(algo: str, arms: dict, env_id: str, steps: int, seed: int) -> di
         results[arm] = {**run, "steps_per_s": model.num_timesteps / run["total_s"],
                         "extra_s": extra.seconds() if extra.counts else 0.0}
     return results
+
+
+def _chunk_steps(model) -> int:
+    """Env steps an arm learns per turn: whole rollouts, as many as fit in 500 steps (at least one),
+    for on-policy agents; 100 (gradient steps) for off-policy ones."""
+    if not hasattr(model, "n_steps"):
+        return 100
+    rollout = model.n_steps * model.n_envs
+    return rollout * max(1, 500 // rollout)
 
 
 def _timed(train, run: dict):
