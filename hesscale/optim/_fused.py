@@ -11,7 +11,8 @@ device and dtype) takes, without a snapshot of θ::
 
 Small groups with equal options (e.g. an actor-critic's ``pi``, ``log_std`` and ``vf``) take steps
 1–3 as one flat chunk and step 4 per group: the same numbers, a third of the launches. A group
-whose gradient or curvature is non-finite is skipped before anything is touched.
+whose gradient or curvature is non-finite is skipped before anything is touched; its batch's step
+counts then differ for good, and its groups step on their own from then on.
 """
 
 from __future__ import annotations
@@ -65,7 +66,10 @@ def fused_step(scaler: Scaler, rule: Rule, plans: list[tuple[list[int], list[Ten
         for gi, (group, plan) in enumerate(zip(groups, plans))
     ]  # every curvature read (and a missing one reported) before anything steps
     for batch in _batches(scaler, plans):
-        _step_batch(scaler, rule, batch, plans, hess)
+        if tuple(batch) in scaler._split:  # its state cannot be one flat layout: no gather into the batch
+            _step_each(scaler, rule, batch, plans, hess)
+        else:
+            _step_batch(scaler, rule, batch, plans, hess)
 
 
 def _batches(scaler: Scaler, plans: list[tuple[list[int], list[Tensor]] | None]) -> list[list[int]]:
@@ -131,7 +135,8 @@ def _step_batch(scaler: Scaler, rule: Rule, gis: list[int], plans: list[tuple[li
         return
     group = scaler.param_groups[gis[0]]  # the options every group of the batch shares
     states, layout = _flat_layout(scaler, rule, group, slot, chunk)
-    if layout is None and len(gis) > 1:  # no flat state for the batch (e.g. its step counts differ)
+    if layout is None and len(gis) > 1:  # no flat state for the batch: its step counts differ, and
+        scaler._split.add(slot)  # will (a group was skipped): from now on its groups step on their own
         _step_each(scaler, rule, gis, plans, hess)
         return
     state, steps, adopt = _state(rule, group, chunk.params, states, layout)

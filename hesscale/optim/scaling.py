@@ -102,6 +102,7 @@ class StepSizeScaling(torch.optim.Optimizer):
         self.last_route = ""
         self._chunks: dict[Any, tuple[tuple[int, ...], list[Chunk]]] = {}  # flat work buffers per group (or batch)
         self._layouts: dict[Any, FlatLayout] = {}  # the fused route's flat state of small groups (or batches)
+        self._split: set[tuple[int, ...]] = set()  # batches whose groups' state can no longer be one (step counts differ)
         self._storage = GradientStorage()
 
     # -- sharing the wrapped optimizer's groups -----------------------------------------------
@@ -126,6 +127,7 @@ class StepSizeScaling(torch.optim.Optimizer):
         self.__dict__.setdefault("fused", True)
         self.__dict__.setdefault("last_route", "")
         self.__dict__.setdefault("_layouts", {})
+        self.__dict__.setdefault("_split", set())
         self.__dict__.setdefault("_storage", GradientStorage())
 
     # -- the torch optimizer interface ----------------------------------------------------------
@@ -302,7 +304,7 @@ class StepSizeScaling(torch.optim.Optimizer):
         self.beta = float(scaler["beta"])
         self.skipped_steps = int(scaler["skipped_steps"])
         self.last_scales = dict(scaler["last_scales"])
-        self._chunks, self._layouts = {}, {}  # rebuilt from the loaded state at the next step
+        self._chunks, self._layouts, self._split = {}, {}, set()  # rebuilt from the loaded state at the next step
         self._storage = GradientStorage()
 
     def _param_indices(self) -> dict[int, int]:

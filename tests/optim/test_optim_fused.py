@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 
-from hesscale.optim import AdaHesScale, AdaHessian, StepSizeScaling
+from hesscale.optim import AdaHesScale, AdaHessian, StepSizeScaling, _fused, _updates
 
 from optim_helpers import both_paths  # noqa: F401
 from optim_helpers import make_params
@@ -76,22 +76,33 @@ def assert_same(a, opt_a, b, opt_b):
 @pytest.mark.parametrize("shared", OPTIONS.values(), ids=OPTIONS.keys())
 @pytest.mark.parametrize("beta", BETAS.values(), ids=BETAS.keys())
 @pytest.mark.parametrize("case", CASES)
-def test_fused_route_equals_the_snapshot_route(case, beta, shared, both_paths):
+def test_fused_route_equals_the_snapshot_route(case, beta, shared, both_paths, monkeypatch):
     (a, fused), (b, snapshot) = pair(CASES[case], beta, shared=shared)
+    gathered = []  # the number of params of each flat gather (small chunks only)
+    real_gather = _fused.gather_gh
+    monkeypatch.setattr(_fused, "gather_gh", lambda chunk, *args: gathered.append(len(chunk.params)) or real_gather(chunk, *args))
     gen = torch.Generator().manual_seed(1)
     for step in range(7):
         set_grads([a, b], gen, drop=3 if step == 2 else None)  # a step without one param's gradient
         if step == 4:  # one group skipped for a NaN: the groups' step counts differ from then on
             for ps in (a, b):
                 ps[2].hess_diag[0] = float("nan")
+        gathered.clear()
         fused.step()
         snapshot.step()
         assert (fused.last_route, snapshot.last_route) == ("fused", "snapshot")
         assert_same(a, fused, b, snapshot)
     assert fused.skipped_steps == snapshot.skipped_steps == 1
     assert min(fused.last_scales.values()) < 1.0  # the scaling acted
+    batched = shared and both_paths == "flat"
     # the batch took one flat state; each group kept its own α (last_scales equal the snapshot's)
-    assert ((0, 1, 2) in fused._layouts) == (shared and both_paths == "flat")
+    assert ((0, 1, 2) in fused._layouts) == batched
+    # after the skip, where step counts then differ, the batch's groups step on their own, without
+    # a wasted gather into the batch first (SGD counts no steps: its batch stays one)
+    split = batched and _updates.RULES[type(fused.optimizer)].step is not None
+    assert ((0, 1, 2) in fused._split) == split
+    alone = [len(g["params"]) for g in fused.param_groups]
+    assert gathered == ([] if both_paths != "flat" else [sum(alone)] if batched and not split else alone)
 
 
 @pytest.mark.parametrize("beta", BETAS.values(), ids=BETAS.keys())
