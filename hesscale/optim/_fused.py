@@ -150,19 +150,19 @@ def _step_batch(scaler: Scaler, rule: Rule, gis: list[int], plans: list[tuple[li
     roots = ([chunk.buffer("c")] if flat else chunk.views_of("c")) if own_c else None
     x, f = rule.direction(group, Work(theta, gs, hs, state, steps, scratch, roots))  # u = f·x
     adopt()
-    if own_c:
-        c = chunk.buffer("c")
-    else:
+    if not own_c:
         scaler._update_ema(chunk, hs, h)
-        c = torch.sqrt(scaler._ema(chunk), out=chunk.buffer("c"))
     counts = tuple(len(plans[gi][1]) for gi in gis)  # params per group, in chunk order
     if flat:  # c is scratch: c·x in place, then T per group over its span
+        c = chunk.buffer("c") if own_c else torch.sqrt(scaler._ema(chunk), out=chunk.buffer("c"))
         cx, x0 = c.mul_(x[0]), x[0]
         dots = [torch.dot(cx[a:b], x0[a:b]) for a, b in chunk.spans(counts)]
         totals = [dots[0].item()] if len(dots) == 1 else torch.stack(dots).tolist()
         views = _param_views(chunk, layout, x0, g)
-    else:  # one group (batches are flat): per-param tensors
-        dots = [torch.dot(ci.mul_(xi).view(-1), xi.reshape(-1)) for ci, xi in zip(chunk.views_of("c"), x)]
+    else:  # one group (batches are flat): per-param tensors; c of the EMA one param at a time
+        # (a parameter-sized temporary at most, not a c buffer as large as the group kept alive)
+        cs = chunk.views_of("c") if own_c else map(torch.sqrt, chunk.views_of("ema"))
+        dots = [torch.dot(ci.mul_(xi).view(-1), xi.reshape(-1)) for ci, xi in zip(cs, x)]
         totals = [dots[0].item() if len(dots) == 1 else torch.stack(dots).sum().item()]
         views = x
     first = 0

@@ -103,6 +103,9 @@ def test_fused_route_equals_the_snapshot_route(case, beta, shared, both_paths, m
     assert ((0, 1, 2) in fused._split) == split
     alone = [len(g["params"]) for g in fused.param_groups]
     assert gathered == ([] if both_paths != "flat" else [sum(alone)] if batched and not split else alone)
+    if both_paths == "per-tensor" and not isinstance(fused.optimizer, AdaHesScale):
+        # c = sqrt(EMA) one parameter at a time: no group-sized c buffer kept between steps
+        assert not any("c" in ch.buffers for _, chunks in fused._chunks.values() for ch in chunks)
 
 
 @pytest.mark.parametrize("beta", BETAS.values(), ids=BETAS.keys())
