@@ -147,21 +147,22 @@ def _step_batch(scaler: Scaler, rule: Rule, gis: list[int], plans: list[tuple[li
         theta = [flatten_into(chunk, "theta", params)] if flat else params
     scratch = [chunk.buffer("u")] if flat else chunk.views_of("u")
     own_c = curvature and inner._sqrt_ema_is_scale(group, scaler.beta)
-    roots = ([chunk.buffer("c")] if flat else chunk.views_of("c")) if own_c else None
+    # c: flat, a temporary of this step (no copy of it kept between steps); per tensor, kept
+    # buffers (temporaries for all params at once would raise the step's own peak above the backward's)
+    roots = ([torch.empty_like(scratch[0])] if flat else chunk.views_of("c")) if own_c else None
     x, f = rule.direction(group, Work(theta, gs, hs, state, steps, scratch, roots))  # u = f·x
     adopt()
     if not own_c:
         scaler._update_ema(chunk, hs, h)
     counts = tuple(len(plans[gi][1]) for gi in gis)  # params per group, in chunk order
     if flat:  # c is scratch: c·x in place, then T per group over its span
-        c = chunk.buffer("c") if own_c else torch.sqrt(scaler._ema(chunk), out=chunk.buffer("c"))
+        c = roots[0] if own_c else torch.sqrt(scaler._ema(chunk))
         cx, x0 = c.mul_(x[0]), x[0]
         dots = [torch.dot(cx[a:b], x0[a:b]) for a, b in chunk.spans(counts)]
         totals = [dots[0].item()] if len(dots) == 1 else torch.stack(dots).tolist()
         views = _param_views(chunk, layout, x0, g)
     else:  # one group (batches are flat): per-param tensors; c of the EMA one param at a time
-        # (a parameter-sized temporary at most, not a c buffer as large as the group kept alive)
-        cs = chunk.views_of("c") if own_c else map(torch.sqrt, chunk.views_of("ema"))
+        cs = roots if own_c else map(torch.sqrt, chunk.views_of("ema"))
         dots = [torch.dot(ci.mul_(xi).view(-1), xi.reshape(-1)) for ci, xi in zip(cs, x)]
         totals = [dots[0].item() if len(dots) == 1 else torch.stack(dots).sum().item()]
         views = x
