@@ -102,7 +102,7 @@ class StepSizeScaling(torch.optim.Optimizer):
         self.last_route = ""
         self._chunks: dict[Any, tuple[tuple[int, ...], list[Chunk]]] = {}  # flat work buffers per group (or batch)
         self._layouts: dict[Any, FlatLayout] = {}  # the fused route's flat state of small groups (or batches)
-        self._split: set[tuple[int, ...]] = set()  # batches whose groups' state can no longer be one (step counts differ)
+        self._split: set[tuple[int, ...]] = set()  # batches whose step counts came to differ: groups step alone
         self._storage = GradientStorage()
 
     # -- sharing the wrapped optimizer's groups -----------------------------------------------

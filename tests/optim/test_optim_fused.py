@@ -80,7 +80,12 @@ def test_fused_route_equals_the_snapshot_route(case, beta, shared, both_paths, m
     (a, fused), (b, snapshot) = pair(CASES[case], beta, shared=shared)
     gathered = []  # the number of params of each flat gather (small chunks only)
     real_gather = _fused.gather_gh
-    monkeypatch.setattr(_fused, "gather_gh", lambda chunk, *args: gathered.append(len(chunk.params)) or real_gather(chunk, *args))
+
+    def counted_gather(chunk, *args):
+        gathered.append(len(chunk.params))
+        return real_gather(chunk, *args)
+
+    monkeypatch.setattr(_fused, "gather_gh", counted_gather)
     gen = torch.Generator().manual_seed(1)
     for step in range(7):
         set_grads([a, b], gen, drop=3 if step == 2 else None)  # a step without one param's gradient
