@@ -103,19 +103,38 @@ def test_per_agent_defaults_precedence(tmp_path):
 
 
 #: what ``opt=hesscale`` runs per agent (issue 11's evidence, docs/results/defaults/README.md):
-#: (δ, AdaHesScale eps, lr, SAC's critic optimizer) — a change of these defaults must come with that
-#: evidence
-HESSCALE_DEFAULTS = {"ppo": (1e-7, 1e-5, 3e-4, None), "a2c": (1e-7, 1e-5, 7e-4, None),
-                     "sac": (1e-7, 1e-5, 3e-4, "adam")}
+#: (the scaled optimizer, its eps, δ, lr, SAC's critic optimizer) — a change of these defaults must
+#: come with that evidence
+HESSCALE_DEFAULTS = {"ppo": ("adahesscale", 1e-5, 1e-7, 3e-4, None), "a2c": ("adahesscale", 1e-5, 1e-7, 7e-4, None),
+                     "sac": ("adam", 1e-8, 1e-7, 3e-4, "adam")}
 
 
 @pytest.mark.parametrize("agent", sorted(HESSCALE_DEFAULTS))
 def test_hesscale_defaults_per_agent_are_pinned(agent):
     o = validate(compose_config([f"agent={agent}", "opt=hesscale", "tuned=none"]))["opt"]
-    assert (o["scaling"]["delta"], o["kwargs"]["eps"], o["lr"], o["critic_optimizer"]) == HESSCALE_DEFAULTS[agent]
-    assert (o["optimizer"], o["curvature"], o["scaling"]["enabled"]) == ("adahesscale", "hesscale", True)
+    assert (o["optimizer"], o["kwargs"]["eps"], o["scaling"]["delta"], o["lr"], o["critic_optimizer"]) == \
+        HESSCALE_DEFAULTS[agent]
+    assert (o["curvature"], o["scaling"]["enabled"]) == ("hesscale", True)
     shipped = {p.stem for p in (CONFIGS / "opt_agent").glob("*.yaml")} - {"none"}
     assert shipped <= {f"hesscale_{a}" for a in HESSCALE_DEFAULTS}  # per-agent files: only these, pinned here
+
+
+def test_sacs_hesscale_default_is_the_confirmed_configuration():
+    """``agent=sac opt=hesscale`` builds what the confirmation runs ran (``opt=adam_scaled
+    opt.scaling.delta=1e-7 opt.critic_optimizer=adam``): the actor on SB3's own Adam (torch's
+    defaults, as SB3's SAC builds it) inside the trust region, the critic on that Adam unscaled."""
+    import torch
+
+    built = [_model(["agent=sac", *o])[1] for o in (
+        ["opt=hesscale"], ["opt=adam_scaled", "opt.scaling.delta=1e-7", "opt.critic_optimizer=adam"], ["opt=adam"])]
+    (shipped, confirmed, sb3) = built
+    for model in (shipped, confirmed):
+        scaler = model.actor.optimizer
+        assert type(scaler).__name__ == "StepSizeScaling" and type(scaler.optimizer) is torch.optim.Adam
+        assert (scaler.delta, scaler.max_scale, scaler.beta) == (1e-7, 1.0, 0.999)
+        assert scaler.optimizer.defaults == sb3.actor.optimizer.defaults
+        assert type(model.critic.optimizer) is torch.optim.Adam
+        assert model.critic.optimizer.defaults == sb3.critic.optimizer.defaults
 
 
 def test_sac_critic_optimizer_is_a_config_key():
