@@ -125,9 +125,8 @@ def test_sacs_hesscale_default_is_the_confirmed_configuration():
     defaults, as SB3's SAC builds it) inside the trust region, the critic on that Adam unscaled."""
     import torch
 
-    built = [_model(["agent=sac", *o])[1] for o in (
-        ["opt=hesscale"], ["opt=adam_scaled", "opt.scaling.delta=1e-7", "opt.critic_optimizer=adam"], ["opt=adam"])]
-    (shipped, confirmed, sb3) = built
+    shipped, confirmed, sb3 = (_model(["agent=sac", *o])[1] for o in (
+        ["opt=hesscale"], ["opt=adam_scaled", "opt.scaling.delta=1e-7", "opt.critic_optimizer=adam"], ["opt=adam"]))
     for model in (shipped, confirmed):
         scaler = model.actor.optimizer
         assert type(scaler).__name__ == "StepSizeScaling" and type(scaler.optimizer) is torch.optim.Adam
