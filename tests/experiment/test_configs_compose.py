@@ -54,7 +54,9 @@ def test_agent_opt_compose_and_instantiate(agent, opt):
     norm = normalize_optimizer_config(spec, agent)
     second_order = opt.startswith(("adahess", "hesscale")) or opt.endswith("_scaled")
     assert uses_curvature(norm) == second_order
-    if second_order and opt.startswith("adahesscale") or opt.startswith("hesscale"):
+    if opt.startswith(("adahesscale", "hesscale")):  # SAC's opt=hesscale: Scaled Adam (opt_agent/hesscale_sac.yaml)
+        assert norm["name"] == ("adam" if (opt, agent) == ("hesscale", "sac") else "adahesscale")
+    if norm["name"] == "adahesscale":
         assert norm["kwargs"]["eps"] == 1e-5  # the paper's RL setting for AdaHesScale
     env = make_train_env(c)
     try:
